@@ -1,0 +1,49 @@
+"""Models: torchvision's ResNet-18 (or DenseNet-121) with a one-channel stem, for log-mel input.
+
+    model = build_model("resnet18", num_classes=5)                  # from scratch
+    model = build_model("resnet18", num_classes=50, pretrained=True)  # ImageNet init
+
+With `pretrained=True` the ImageNet weights come from torchvision's download cache
+(`$TORCH_HOME/hub/checkpoints/`); the stem's three RGB filters are summed into one, which
+gives the response to a grey image of the same intensity.
+"""
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+MODELS = {
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    "densenet121": (torchvision.models.densenet121, torchvision.models.DenseNet121_Weights.IMAGENET1K_V1),
+}
+
+
+def _imagenet_state(weights) -> dict:
+    """The ImageNet state dict from torch hub's cache, downloading it when it is missing."""
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # no network, blocked host, broken file
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise RuntimeError(f"could not load the ImageNet weights ({e}). Download {weights.url} by hand "
+                           f"and place it at {path}, or train from scratch (pretrained=False).") from None
+
+
+def build_model(name: str = "resnet18", num_classes: int = 5, pretrained: bool = False) -> nn.Module:
+    """A torchvision classifier taking (B, 1, n_mels, frames) and returning logits (B, num_classes)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    make, weights = MODELS[name]
+    model = make(weights=None)
+    if pretrained:
+        model.load_state_dict(_imagenet_state(weights))
+    # the stem: the one conv layer that sees the input
+    parent, attr = (model, "conv1") if name == "resnet18" else (model.features, "conv0")
+    rgb = getattr(parent, attr)
+    stem = nn.Conv2d(1, rgb.out_channels, rgb.kernel_size, rgb.stride, rgb.padding, bias=False)
+    if pretrained:
+        stem.weight.data.copy_(rgb.weight.data.sum(dim=1, keepdim=True))
+    setattr(parent, attr, stem)
+    head = "fc" if name == "resnet18" else "classifier"
+    setattr(model, head, nn.Linear(getattr(model, head).in_features, num_classes))
+    return model
