@@ -13,6 +13,7 @@ fold resumes from its last.pt; cv_summary.csv is written once all five folds exi
 import argparse
 import json
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -194,33 +195,41 @@ def num_outputs(cfg: Config) -> int:
 
 # ---------------------------------------------------------------- one fold
 
+def prepare_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: int, device) -> dict:
+    """Seeded model, LogMel (statistics from the training folds), Augment and the three loaders
+    of one fold."""
+    seed_everything(cfg.seed + test_fold)
+    tr, va, te = splits(meta, test_fold)
+    train_labels = meta["fine" if cfg.group > 1 else cfg.task].to_numpy()
+    labels = meta[cfg.task].to_numpy()
+    train_waves = np.asarray(waves[tr])
+    train_ds = WaveformDataset(train_waves, train_labels[tr], crop=int(cfg.crop_seconds * cfg.sample_rate))
+    sampler = None
+    if torch.distributed.is_initialized():
+        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, seed=cfg.seed)
+    features = make_features(cfg).to(device)
+    features.fit_stats(make_loader(WaveformDataset(train_waves, train_labels[tr]), 2 * cfg.batch_size))
+    return dict(
+        rows=(tr, va, te), features=features,
+        augment=Augment(num_outputs(cfg), features.std.item(), cfg.gain_db, cfg.stretch, cfg.shift, cfg.time_masks,
+                        cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha),
+        model=build_model(cfg.model, num_outputs(cfg), cfg.pretrained),
+        train=make_loader(train_ds, cfg.batch_size, shuffle=True, sampler=sampler, drop_last=True),
+        val=make_loader(WaveformDataset(np.asarray(waves[va]), labels[va]), 2 * cfg.batch_size),
+        test=make_loader(WaveformDataset(np.asarray(waves[te]), labels[te]), 2 * cfg.batch_size))
+
+
 def run_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: int, device, run_dir: Path,
              fig_dir: Path, extra: dict = None) -> dict:
     """Train on the training folds, pick the epoch on the validation fold, test the best
     checkpoint once on `test_fold`; write the fold's CSVs and figures. Returns test metrics."""
-    seed_everything(cfg.seed + test_fold)
     out, figs = run_dir / f"fold{test_fold}", fig_dir / f"fold{test_fold}"
-    tr, va, te = splits(meta, test_fold)
-    train_labels = meta["fine" if cfg.group > 1 else cfg.task].to_numpy()
-    labels = meta[cfg.task].to_numpy()
-    crop = int(cfg.crop_seconds * cfg.sample_rate)
-    train_waves = np.asarray(waves[tr])
-    distributed = torch.distributed.is_initialized()
-    train_ds = WaveformDataset(train_waves, train_labels[tr], crop=crop)
-    sampler = torch.utils.data.distributed.DistributedSampler(train_ds, seed=cfg.seed) if distributed else None
-    train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, sampler=sampler, drop_last=True)
-    val_loader = make_loader(WaveformDataset(np.asarray(waves[va]), labels[va]), 2 * cfg.batch_size)
-    test_loader = make_loader(WaveformDataset(np.asarray(waves[te]), labels[te]), 2 * cfg.batch_size)
-
-    features = make_features(cfg).to(device)
-    features.fit_stats(make_loader(WaveformDataset(train_waves, train_labels[tr]), 2 * cfg.batch_size))
-    augment = Augment(num_outputs(cfg), features.std.item(), cfg.gain_db, cfg.stretch, cfg.shift, cfg.time_masks,
-                      cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha)
-    model = build_model(cfg.model, num_outputs(cfg), cfg.pretrained)
+    f = prepare_fold(cfg, meta, waves, test_fold, device)
+    model, features, (tr, va, te) = f["model"], f["features"], f["rows"]
     if is_main_process():
         print(f"fold {test_fold}: train {len(tr)} clips, validation {len(va)} (fold {meta.fold[va[0]]}), "
               f"test {len(te)}; {device}; results -> {out}")
-    history = fit(model, features, augment, train_loader, val_loader, cfg, out, device, group=cfg.group,
+    history = fit(model, features, f["augment"], f["train"], f["val"], cfg, out, device, group=cfg.group,
                   resume=cfg.resume, extra=extra)
     if not is_main_process():
         return {}
@@ -228,7 +237,7 @@ def run_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: int,
     best = load_checkpoint(out / "best.pt", device)
     model.load_state_dict(best["model"])
     features.load_state_dict(best["features"])
-    m = evaluate(model, features, test_loader, device, group=cfg.group, amp=cfg.amp)
+    m = evaluate(model, features, f["test"], device, group=cfg.group, amp=cfg.amp)
     write_fold_outputs(cfg, meta.iloc[te], m, history, best["epoch"], out, figs, waves[te], features)
     return {k: m[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")}
 
@@ -407,8 +416,13 @@ def check_run_config(cfg: Config, run_dir: Path) -> None:
     path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a scheduler's stop) ends a run like Ctrl-C: last.pt stays valid
+
+
 def main(argv=None) -> int:
     cfg = parse_config(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.time()
     ddp_device = setup_distributed()
     try:
@@ -417,7 +431,9 @@ def main(argv=None) -> int:
         sys.exit(f"error: {e}")
     run_dir, fig_dir = Path(cfg.results_dir) / cfg.run_name, Path(cfg.figures_dir) / cfg.run_name
     try:
-        data_dir = ensure_esc50(cfg.data_root) if is_main_process() else Path(cfg.data_root) / "ESC-50"
+        data_dir = Path(cfg.data_root) / "ESC-50"
+        if is_main_process():  # rank 0 downloads and caches, the others wait and read
+            load_waveforms(ensure_esc50(cfg.data_root), cfg.sample_rate)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         meta = load_meta(data_dir)

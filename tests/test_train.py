@@ -1,0 +1,146 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+import train
+from conftest import tiny_args
+from dataset import load_meta, load_waveforms
+from main import Config, parse_config, prepare_fold
+from model import build_model
+from train import evaluate, fit, load_checkpoint, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+@pytest.mark.parametrize("classes", [5, 50])
+def test_one_channel_forward_backward(name, classes):
+    model = build_model(name, classes)
+    x = torch.randn(2, 1, 32, 63, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, classes)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_pretrained_sums_rgb_filters(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ref = torchvision.models.resnet18()  # stands in for the ImageNet weights
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    path = tmp_path / "hub" / "checkpoints" / Path(weights.url).name
+    path.parent.mkdir(parents=True)
+    torch.save(ref.state_dict(), path)
+    model = build_model("resnet18", 5, pretrained=True)
+    assert model.conv1.weight.shape == (64, 1, 7, 7)
+    assert torch.allclose(model.conv1.weight, ref.conv1.weight.sum(1, keepdim=True))
+    assert torch.equal(model.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
+    assert model.fc.out_features == 5
+
+
+def test_pretrained_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RuntimeError, match=r"place it at .*hub/checkpoints/resnet18-"):
+        build_model("resnet18", 5, pretrained=True)
+
+
+def setup(esc50, tmp_path, *extra):
+    cfg = parse_config(tiny_args(tmp_path, esc50, *extra))
+    meta = load_meta(esc50)
+    return cfg, prepare_fold(cfg, meta, load_waveforms(esc50, cfg.sample_rate, meta=meta), 5, torch.device("cpu"))
+
+
+def run(cfg, f, out, **kw):
+    return fit(f["model"], f["features"], f["augment"], f["train"], f["val"], cfg, out, torch.device("cpu"),
+               group=cfg.group, **kw)
+
+
+def test_short_run_learns_and_checkpoints(esc50, tmp_path):
+    cfg, f = setup(esc50, tmp_path, "--epochs", "8")
+    hist = run(cfg, f, tmp_path / "run")
+    assert list(hist.columns) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+                                  "seconds"]
+    assert len(hist) == 8 and hist["val_accuracy"].max() >= 0.8  # chance is 0.2
+    assert pd.read_csv(tmp_path / "run" / "history.csv").shape == (8, 7)
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    ranked = hist.assign(neg_loss=-hist["val_loss"]).sort_values(["val_accuracy", "neg_loss"], kind="stable")
+    assert best["epoch"] == ranked["epoch"].iloc[-1]  # best accuracy, ties to the lower loss
+    for key in ("model", "features", "optimizer", "scheduler", "epoch", "best_score", "bad_epochs", "rng", "config"):
+        assert key in best
+    f["model"].load_state_dict(best["model"])
+    m = evaluate(f["model"], f["features"], f["test"], torch.device("cpu"), group=cfg.group)
+    assert m["accuracy"] >= 0.8 and m["probs"].shape == (50, 5)
+    lr = hist["lr"].to_numpy()  # one-cycle: warm up, then anneal
+    assert lr[0] < lr.max() / 5 and lr[-1] < lr.max() / 2 and lr.argmax() not in (0, len(lr) - 1)
+
+
+def test_early_stopping_stops_when_validation_stalls(esc50, tmp_path):
+    cfg, f = setup(esc50, tmp_path, "--epochs", "20", "--patience", "2", "--schedule", "constant", "--lr", "1e-9")
+    hist = run(cfg, f, tmp_path / "run")
+    assert len(hist) == 3  # epoch 1 sets the best, 2 and 3 do not beat it
+
+
+def test_lr_schedules():
+    model = torch.nn.Linear(2, 2)
+    cfg = Config(lr=1e-2, epochs=10, warmup=0.2)
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(1e-2) and lrs.index(max(lrs)) == pytest.approx(20, abs=1)
+    assert lrs[0] < 1e-3 and lrs[-1] < 1e-5
+    opt, sched = make_optimizer(model, Config(lr=1e-2, schedule="plateau", patience=6), steps_per_epoch=10)
+    for _ in range(4):  # one best epoch, then patience // 3 = 2 bad ones are tolerated, the third halves
+        sched.step(0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)
+    opt, sched = make_optimizer(model, Config(schedule="constant"), 10)
+    assert sched is None
+
+
+def test_resume_reproduces_an_uninterrupted_run(esc50, tmp_path, monkeypatch, capsys):
+    cfg, f = setup(esc50, tmp_path, "--epochs", "4", "--mixup-alpha", "0.4")
+    full = run(cfg, f, tmp_path / "full")
+
+    real = train.train_one_epoch
+    calls = []
+
+    def interrupt_third_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train, "train_one_epoch", interrupt_third_epoch)
+    cfg, f = setup(esc50, tmp_path, "--epochs", "4", "--mixup-alpha", "0.4")
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, f, tmp_path / "cut")
+    assert "Run the same command again to resume" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    cfg, f = setup(esc50, tmp_path, "--epochs", "4", "--mixup-alpha", "0.4")  # a fresh process would rebuild all
+    resumed = run(cfg, f, tmp_path / "cut")
+    cols = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
+    pd.testing.assert_frame_equal(resumed[cols], full[cols])
+
+
+def test_torchrun_two_processes_write_one_set_of_files(esc50, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "main.py"), *tiny_args(tmp_path, esc50, "--epochs", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = tmp_path / "results" / "resnet18_coarse"
+    assert len(pd.read_csv(out / "fold5" / "history.csv")) == 2
+    assert (out / "fold5" / "test_metrics.csv").exists()
+    assert proc.stdout.count("test fold 5: accuracy") == 1  # one summary: rank 0 alone reports and writes
+    assert sorted(p.name for p in (out / "fold5").glob("*.pt")) == ["best.pt", "last.pt"]
