@@ -11,9 +11,14 @@ trained on the other three. A fold whose test_metrics.csv exists is skipped; an 
 fold resumes from its last.pt; cv_summary.csv is written once all five folds exist.
 """
 import argparse
+import hashlib
 import json
+import os
+import platform
 import random
+import shlex
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -24,9 +29,10 @@ import pandas as pd
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
-from dataset import (Augment, LogMel, WaveformDataset, class_names, load_meta, load_waveforms, make_loader,
-                     splits)
-from download import CATEGORIES, CLASSES, ensure_esc50
+from dataset import (Augment, LogMel, WaveformDataset, cache_key, class_names, load_meta, load_waveforms,
+                     make_loader, splits)
+from download import CATEGORIES, ensure_esc50
+from explain import saliency_figure
 from model import MODELS, build_model
 from train import (atomic_csv, evaluate, fit, is_main_process, load_checkpoint, setup_distributed)
 
@@ -181,6 +187,59 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# ---------------------------------------------------------------- provenance
+
+def _git(*args) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(cfg: Config, data_dir: Path, device: torch.device) -> dict:
+    """What made a result: command, code version, library versions, device, seed and data."""
+    import sklearn
+    import torchaudio
+    import torchvision
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchaudio": torchaudio.__version__, "torchvision": torchvision.__version__,
+                     "numpy": np.__version__, "scikit-learn": sklearn.__version__, "pandas": pd.__version__},
+        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else _cpu_name(), "threads": torch.get_num_threads(),
+                   "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1},
+        "seed": cfg.seed,
+        "data": {"esc50_csv_sha256": hashlib.sha256((data_dir / "meta" / "esc50.csv").read_bytes()).hexdigest(),
+                 "waveform_cache_key": cache_key(data_dir, cfg.sample_rate)},
+    }
+
+
+def write_run_json(record: dict, t0: float, path: Path, **more) -> None:
+    """`record` with `more`, the start (t0) and end times and the wall seconds, written atomically."""
+    stamp = "%Y-%m-%dT%H:%M:%S%z"
+    record = {**record, **more, "started": time.strftime(stamp, time.localtime(t0)), "ended": time.strftime(stamp),
+              "wall_seconds": round(time.time() - t0, 1)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------- building blocks shared with predict.py
 
 def make_features(cfg) -> LogMel:
@@ -220,9 +279,11 @@ def prepare_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: 
 
 
 def run_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: int, device, run_dir: Path,
-             fig_dir: Path, extra: dict = None) -> dict:
+             fig_dir: Path, extra: dict) -> dict:
     """Train on the training folds, pick the epoch on the validation fold, test the best
-    checkpoint once on `test_fold`; write the fold's CSVs and figures. Returns test metrics."""
+    checkpoint once on `test_fold`; write the fold's CSVs, figures and run.json. `extra` goes into
+    the checkpoints (the provenance record, the clip length). Returns test metrics."""
+    t0 = time.time()
     out, figs = run_dir / f"fold{test_fold}", fig_dir / f"fold{test_fold}"
     f = prepare_fold(cfg, meta, waves, test_fold, device)
     model, features, (tr, va, te) = f["model"], f["features"], f["rows"]
@@ -238,11 +299,12 @@ def run_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: int,
     model.load_state_dict(best["model"])
     features.load_state_dict(best["features"])
     m = evaluate(model, features, f["test"], device, group=cfg.group, amp=cfg.amp)
-    write_fold_outputs(cfg, meta.iloc[te], m, history, best["epoch"], out, figs, waves[te], features)
+    write_fold_outputs(cfg, meta.iloc[te], m, history, best["epoch"], out, figs, waves[te], features, model)
+    write_run_json(extra["provenance"], t0, out / "run.json", test_fold=test_fold)
     return {k: m[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")}
 
 
-def write_fold_outputs(cfg, test_meta, m, history, best_epoch, out: Path, figs: Path, test_waves, features):
+def write_fold_outputs(cfg, test_meta, m, history, best_epoch, out: Path, figs: Path, test_waves, features, model):
     """predictions, confusion matrix, classification report, figures; test_metrics.csv last,
     because its presence marks the fold as complete."""
     names = class_names(cfg.task)
@@ -257,6 +319,9 @@ def write_fold_outputs(cfg, test_meta, m, history, best_epoch, out: Path, figs: 
                                    output_dict=True, zero_division=0)
     atomic_csv(pd.DataFrame(report).T.rename_axis("class"), out / "classification_report.csv", float_format="%.4f")
     fold_figures(cfg, history, cm, preds, test_waves, features, figs)
+    if len(names) <= 10:  # one row per label: readable for the 5 categories, not for 50 classes
+        saliency_figure(model, features, test_waves, m["targets"], pred, names, cfg,
+                        figs / f"{cfg.model}_saliency.png", group=cfg.group)
     metrics = pd.DataFrame([{"test_fold": int(test_meta["fold"].iloc[0]), "best_epoch": best_epoch,
                              "epochs": len(history), "train_seconds": float(history["seconds"].sum()),
                              **{k: m[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")}}])
@@ -442,6 +507,7 @@ def main(argv=None) -> int:
             check_run_config(cfg, run_dir)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    record = provenance(cfg, data_dir, device)
     if is_main_process():
         data_figures(cfg, meta, waves, make_features(cfg), fig_dir)
     results = {}
@@ -452,13 +518,16 @@ def main(argv=None) -> int:
                 print(f"fold {k}: complete, skipped ({done})")
                 results[k] = pd.read_csv(done).iloc[0].to_dict()
                 continue
-            results[k] = run_fold(cfg, meta, waves, k, device, run_dir, fig_dir)
+            results[k] = run_fold(cfg, meta, waves, k, device, run_dir, fig_dir, extra={"provenance": record, "clip_samples": waves.shape[1]})
     except KeyboardInterrupt:
+        print("interrupted; run the same command again to continue", file=sys.stderr)
         return 130
     if not is_main_process():
         return 0
 
     summary = cv_summary(run_dir)
+    write_run_json(record, t0, run_dir / "run.json", folds_run=[k for k in results],
+                   cv_summary_written=summary is not None)
     if summary is not None:
         atomic_csv(summary, run_dir / "cv_summary.csv", index=False, float_format="%.4f")
         cv_figure(cfg, summary, fig_dir)
@@ -478,4 +547,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    sys.exit(code)

@@ -1,0 +1,186 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+import main
+import predict
+from conftest import tiny_args
+from download import CATEGORIES, CLASSES
+from fake_esc50 import make_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_FIGURES = ["samples_per_class.png", "random_waveform_samples.png", "random_log_spectrogram_samples.png"]
+FOLD_FIGURES = ["resnet18_confusion_matrix.png", "resnet18_loss.png", "resnet18_accuracy.png",
+                "random_log_spectrogram_samples_predictions.png"]
+
+
+@pytest.fixture(scope="module")
+def run(esc50, tmp_path_factory):
+    """One tiny coarse run on test fold 5, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("run")
+    assert main.main(tiny_args(tmp, esc50, "--epochs", "6")) == 0
+    return tmp
+
+
+def test_end_to_end_writes_every_output(run):
+    res, figs = run / "results" / "resnet18_coarse", run / "figures" / "resnet18_coarse"
+    fold = res / "fold5"
+    hist = pd.read_csv(fold / "history.csv")
+    assert list(hist.columns) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+                                  "seconds"] and len(hist) == 6
+    metrics = pd.read_csv(fold / "test_metrics.csv")
+    assert {"loss", "accuracy", "balanced_accuracy", "macro_f1"} <= set(metrics.columns) and len(metrics) == 1
+    assert metrics["accuracy"].iloc[0] >= 0.7  # five well-separated categories; chance is 0.2
+    preds = pd.read_csv(fold / "predictions.csv")
+    assert list(preds.columns) == ["filename", "fold", "true", "predicted"] + [f"p_{c}" for c in CATEGORIES]
+    assert len(preds) == 50 and (preds["fold"] == 5).all()
+    assert np.allclose(preds.filter(like="p_").sum(axis=1), 1, atol=1e-3)
+    assert metrics["accuracy"].iloc[0] == pytest.approx((preds["true"] == preds["predicted"]).mean(), abs=1e-4)
+    cm = pd.read_csv(fold / "confusion_matrix.csv", index_col=0)
+    assert list(cm.index) == CATEGORIES and list(cm.columns) == CATEGORIES and cm.to_numpy().sum() == 50
+    report = pd.read_csv(fold / "classification_report.csv", index_col=0)
+    assert set(CATEGORIES) <= set(report.index) and "f1-score" in report.columns
+    assert json.loads((res / "config.json").read_text())["epochs"] == 6
+    assert {p.name for p in fold.glob("*.pt")} == {"best.pt", "last.pt"}
+    for name in DATA_FIGURES:
+        assert (figs / name).stat().st_size > 10_000
+    for name in FOLD_FIGURES + ["resnet18_saliency.png"]:
+        assert (figs / "fold5" / name).stat().st_size > 10_000
+
+
+def test_run_json_records_provenance(run, esc50):
+    res = run / "results" / "resnet18_coarse"
+    rec = json.loads((res / "fold5" / "run.json").read_text())
+    assert rec["command"] and rec["seed"] == 0 and rec["test_fold"] == 5
+    assert set(rec["versions"]) == {"python", "torch", "torchaudio", "torchvision", "numpy", "scikit-learn", "pandas"}
+    assert rec["device"]["type"] == "cpu" and rec["device"]["threads"] >= 1 and rec["device"]["name"]
+    import hashlib
+    assert rec["data"]["esc50_csv_sha256"] == hashlib.sha256((esc50 / "meta" / "esc50.csv").read_bytes()).hexdigest()
+    assert len(rec["data"]["waveform_cache_key"]) == 64
+    assert rec["wall_seconds"] > 0 and rec["started"] <= rec["ended"]
+    assert "git_commit" in rec and "git_dirty" in rec
+    assert json.loads((res / "run.json").read_text())["folds_run"] == [5]
+    from train import load_checkpoint
+    assert load_checkpoint(res / "fold5" / "best.pt")["provenance"]["command"] == rec["command"]
+
+
+def test_git_dirty_flag_follows_tracked_files(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    (repo / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], cwd=repo, check=True)
+    monkeypatch.setattr(main, "__file__", str(repo / "main.py"))
+    assert main._git("status", "--porcelain", "--untracked-files=no") == ""
+    (repo / "a.py").write_text("x = 2\n")
+    assert main._git("status", "--porcelain", "--untracked-files=no") != ""
+
+
+def test_second_start_skips_a_complete_fold_and_refuses_another_config(run, esc50, capsys):
+    assert main.main(tiny_args(run, esc50, "--epochs", "6")) == 0
+    assert "fold 5: complete, skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="another config.*epochs: 6 there, 7 now"):
+        main.main(tiny_args(run, esc50, "--epochs", "7"))
+
+
+def test_cv_writes_a_summary_of_five_folds(esc50, tmp_path, capsys):
+    args = tiny_args(tmp_path, esc50, "--epochs", "1", "--task", "fine", "--n-mels", "16", "--freq-mask-bins", "2")
+    assert main.main([*args, "--folds", "1,2"]) == 0  # a first sitting
+    res = tmp_path / "results" / "resnet18_fine"
+    assert not (res / "cv_summary.csv").exists()
+    assert "CV summary waits for folds [3, 4, 5]" in capsys.readouterr().out
+    assert main.main([*args, "--cv"]) == 0  # the rest; folds 1 and 2 are skipped
+    assert "fold 1: complete, skipped" in capsys.readouterr().out
+    summary = pd.read_csv(res / "cv_summary.csv")
+    assert summary["test_fold"].astype(str).tolist() == ["1", "2", "3", "4", "5", "mean", "std"]
+    assert summary["accuracy"].iloc[5] == pytest.approx(summary["accuracy"].iloc[:5].mean(), abs=1e-4)
+    assert (tmp_path / "figures" / "resnet18_fine" / "resnet18_cv_accuracy.png").exists()
+    preds = pd.read_csv(res / "fold3" / "predictions.csv")
+    assert preds.shape[1] == 4 + 50 and set(preds["fold"]) == {3}
+    assert not (tmp_path / "figures" / "resnet18_fine" / "fold3" / "resnet18_saliency.png").exists()
+
+
+def test_cli_overrides():
+    cfg = main.parse_config(["--epochs", "30", "--task", "fine", "--cv", "--batch-size=64", "--no-amp", "--lr", "1e-4"])
+    assert (cfg.epochs, cfg.task, cfg.cv, cfg.batch_size, cfg.amp, cfg.lr) == (30, "fine", True, 64, False, 1e-4)
+    assert cfg.fold_list == [1, 2, 3, 4, 5] and cfg.run_name == "resnet18_fine"
+    assert main.parse_config(["--mixup_alpha", "0", "--pretrained", "true"]).pretrained is True
+    assert main.parse_config([]) == main.Config()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epoch", "3"], "unrecognized arguments: --epoch"),
+    (["--epochs", "ten"], "invalid int value: 'ten'"),
+    (["--task", "medium"], "invalid choice: 'medium'"),
+    (["--epochs", "0"], "--epochs 0: must be positive"),
+    (["--folds", "1,7"], "--folds '1,7': must be comma-separated numbers from 1 to 5"),
+    (["--f-max", "12000"], "--f_max 12000.0: must be at most sample_rate / 2"),
+    (["--crop-seconds", "6"], "ESC-50 clips are 5 s long"),
+    (["--cv", "maybe"], "'maybe' is not a boolean"),
+])
+def test_cli_errors_name_the_value(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main.parse_config(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_predict_any_rate_length_and_channels(run, tmp_path, capsys):
+    ckpt = run / "results" / "resnet18_coarse" / "fold5" / "best.pt"
+    rng = np.random.default_rng(3)
+    target = 45  # exterior: a 2,700 Hz tone
+    files = []
+    for name, sr, seconds, channels, fmt in [("mono_8k.wav", 8000, 1.0, 1, "WAV"),
+                                             ("stereo_22k.flac", 22050, 1.0, 2, "FLAC"),
+                                             ("long_16k.wav", 16000, 12.0, 1, "WAV"),
+                                             ("short_8k.wav", 8000, 0.3, 1, "WAV")]:
+        x = make_clip(target, rng, sr, seconds)
+        sf.write(tmp_path / name, np.stack([x] * channels, 1) if channels > 1 else x, sr, format=fmt)
+        files.append(str(tmp_path / name))
+    (tmp_path / "notes.wav").write_text("this is not audio")
+    code = predict.main([*files, str(tmp_path / "notes.wav"), "--checkpoint", str(ckpt), "--top", "2"])
+    out, err = capsys.readouterr()
+    assert code == 1  # one file failed, the others were scored
+    assert "notes.wav" in err and "could not decode" in err
+    assert "run resnet18_coarse" in out and "commit" in out
+    lines = [l for l in out.splitlines() if l.startswith(str(tmp_path))]
+    assert len(lines) == 4
+    assert sum(l.split(": ")[1].startswith("exterior") for l in lines[:3]) >= 2
+    windows = predict.Predictor(ckpt).windows(torch.arange(8000 * 2.5))  # the fake clips last 1 s
+    assert windows.shape == (3, 8000) and windows[2, 4000:].abs().sum() == 0 and windows[2, 0] == 8000 * 2
+
+
+def test_predict_explain_writes_png_and_wav(run, tmp_path, capsys):
+    ckpt = run / "results" / "resnet18_coarse" / "fold5" / "best.pt"
+    rng = np.random.default_rng(4)
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / name, make_clip(12, rng), 8000)
+    assert predict.main([str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--checkpoint", str(ckpt),
+                         "--explain", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a_explanation.png", "a_explanation.wav", "b_explanation.png", "b_explanation.wav"]
+    wav, sr = sf.read(tmp_path / "out" / "a_explanation.wav")
+    assert sr == 8000 and len(wav) == 8000
+
+
+def test_mismatched_checkpoint_is_refused(run, tmp_path, capsys):
+    ckpt = run / "results" / "resnet18_coarse" / "fold5" / "best.pt"
+    with pytest.raises(ValueError, match=r"task is 'coarse' in the checkpoint but 'fine' was asked"):
+        predict.Predictor(ckpt, expect={"task": "fine"})
+    with pytest.raises(ValueError, match=r"n_mels is 32 in the checkpoint but 64 was asked"):
+        predict.Predictor(ckpt, expect={"n_mels": 64})
+    with pytest.raises(ValueError, match=r"num_classes is 5 in the checkpoint but 50 was asked"):
+        predict.Predictor(ckpt, expect={"num_classes": 50})
+    sf.write(tmp_path / "x.wav", np.zeros(8000, dtype=np.float32), 8000)
+    assert predict.main([str(tmp_path / "x.wav"), "--checkpoint", str(ckpt), "--task", "fine"]) == 2
+    assert "'fine' was asked" in capsys.readouterr().err
+    assert predict.main([str(tmp_path / "x.wav"), "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
