@@ -12,6 +12,7 @@ fold resumes from its last.pt; cv_summary.csv is written once all five folds exi
 """
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -109,9 +110,8 @@ def validate(cfg: Config) -> Config:
     def need(ok, field, what):
         if not ok:
             raise ValueError(f"--{field} {getattr(cfg, field)!r}: {what}")
-    for f in ("sample_rate", "n_fft", "hop_length", "n_mels", "epochs", "patience", "batch_size"):
-        need(getattr(cfg, f) > 0, f, "must be positive")
-    for f in ("lr", "crop_seconds"):
+    for f in ("sample_rate", "n_fft", "hop_length", "n_mels", "epochs", "patience", "batch_size", "lr",
+              "crop_seconds"):
         need(getattr(cfg, f) > 0, f, "must be positive")
     for f in ("gain_db", "shift", "time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins",
               "mixup_alpha", "weight_decay", "label_smoothing", "clip_grad_norm", "f_min", "f_max"):
@@ -139,17 +139,17 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
 
 
-def parse_config(argv=None, base: Config = None) -> Config:
+def parse_config(argv=None) -> Config:
     """Config with command-line overrides (`--epochs 30`, `--batch-size 64`, `--cv`, `--no-amp`).
     Unknown options and bad values exit with a message naming them."""
-    base = base or Config()
+    base = Config()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     comments = _field_comments()
     for f in fields(Config):
         names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
         default = getattr(base, f.name)
         help_ = f"{comments.get(f.name, '')} (default: {default})"
-        if f.type is bool or isinstance(default, bool):
+        if isinstance(default, bool):
             p.add_argument(*names, dest=f.name, nargs="?", const=True, default=default, type=_bool, help=help_)
             p.add_argument(*sorted({f"--no-{f.name}", f"--no-{f.name.replace('_', '-')}"}), dest=f.name,
                            action="store_false", help=argparse.SUPPRESS)
@@ -165,7 +165,6 @@ def parse_config(argv=None, base: Config = None) -> Config:
 
 def _field_comments() -> dict:
     """The `# comment` after each Config field, for --help."""
-    import inspect
     out = {}
     for line in inspect.getsource(Config).splitlines():
         if ":" in line and "#" in line and "=" in line:

@@ -60,6 +60,10 @@ def test_notebook_runs_on_a_tiny_run(tmp_path, esc50, monkeypatch):
     assert sum("<audio" in h for h in html) >= 4  # the sampled test clips at least
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # curves, matrix, figures, per class
 
+    tables = [o.data["text/plain"] for o in outputs if o.output_type == "execute_result"]
+    agree = [t for t in tables if "fresh_prediction" in t]  # saved vs. Predictor.predict_file
+    assert len(agree) == 1 and "True" in agree[0] and "False" not in agree[0]
+
     preds = pd.read_csv(fold_dir / "predictions.csv")
     wrong = preds[preds["true"] != preds["predicted"]]
     wavs = sorted((fold_dir / "explanations").glob("*_explanation.wav"))
