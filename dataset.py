@@ -273,7 +273,8 @@ def main(argv=None):
     print(f"waveforms {waves.shape} {waves.dtype} ready in {time.time() - t0:.1f} s")
     for k in range(1, 6):
         tr, va, te = splits(meta, k)
-        print(f"test fold {k}: train {len(tr)}, val {len(va)}, test {len(te)}; no source recording shared")
+        print(f"test fold {k}: train {len(tr)}, val {len(va)}, test {len(te)}; "
+              "no recording's clips of one class in two splits")
 
 
 if __name__ == "__main__":

@@ -317,7 +317,7 @@ def write_fold_outputs(cfg, test_meta, m, history, best_epoch, out: Path, figs: 
     report = classification_report(m["targets"], pred, labels=range(len(names)), target_names=names,
                                    output_dict=True, zero_division=0)
     atomic_csv(pd.DataFrame(report).T.rename_axis("class"), out / "classification_report.csv", float_format="%.4f")
-    fold_figures(cfg, history, cm, preds, test_waves, features, figs)
+    fold_figures(cfg, history, best_epoch, cm, preds, test_waves, features, figs)
     if len(names) <= 10:  # one row per label: readable for the 5 categories, not for 50 classes
         saliency_figure(model, features, test_waves, m["targets"], pred, names, cfg,
                         figs / f"{cfg.model}_saliency.png", group=cfg.group)
@@ -407,8 +407,8 @@ def data_figures(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, features: L
     sns.reset_orig()
 
 
-def fold_figures(cfg, history: pd.DataFrame, cm: pd.DataFrame, preds: pd.DataFrame, test_waves, features,
-                 fig_dir: Path) -> None:
+def fold_figures(cfg, history: pd.DataFrame, best_epoch: int, cm: pd.DataFrame, preds: pd.DataFrame, test_waves,
+                 features, fig_dir: Path) -> None:
     """Confusion matrix, loss and accuracy curves, and random test spectrograms with predictions."""
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -425,8 +425,7 @@ def fold_figures(cfg, history: pd.DataFrame, cm: pd.DataFrame, preds: pd.DataFra
         fig, ax = plt.subplots(figsize=(6.5, 4))
         ax.plot(history["epoch"], history[f"train_{metric}"], label="train")
         ax.plot(history["epoch"], history[f"val_{metric}"], label="validation")
-        best = history.loc[history["val_accuracy"].idxmax(), "epoch"]
-        ax.axvline(best, color="grey", ls="--", lw=0.8, label=f"best epoch ({best})")
+        ax.axvline(best_epoch, color="grey", ls="--", lw=0.8, label=f"tested epoch ({best_epoch})")
         ax.set(title=f"{m} {metric}", xlabel="epoch", ylabel=metric)
         ax.legend()
         _save(fig, fig_dir / f"{m}_{metric}.png")
@@ -517,7 +516,8 @@ def main(argv=None) -> int:
                 print(f"fold {k}: complete, skipped ({done})")
                 results[k] = pd.read_csv(done).iloc[0].to_dict()
                 continue
-            results[k] = run_fold(cfg, meta, waves, k, device, run_dir, fig_dir, extra={"provenance": record, "clip_samples": waves.shape[1]})
+            results[k] = run_fold(cfg, meta, waves, k, device, run_dir, fig_dir,
+                                  extra={"provenance": record, "clip_samples": waves.shape[1]})
     except KeyboardInterrupt:
         print("interrupted; run the same command again to continue", file=sys.stderr)
         return 130

@@ -15,9 +15,8 @@ import time
 import numpy as np
 import torch
 
-from dataset import WaveformDataset, load_meta, load_waveforms, make_loader, splits
+from dataset import Augment, WaveformDataset, load_meta, load_waveforms, make_loader, splits
 from main import Config, make_features, num_outputs, resolve_device
-from dataset import Augment
 from model import build_model
 from train import _autocast, make_optimizer
 

@@ -1,6 +1,5 @@
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 import main
 import predict
 from conftest import tiny_args
-from download import CATEGORIES, CLASSES
+from download import CATEGORIES
 from fake_esc50 import make_clip
 
 ROOT = Path(__file__).resolve().parents[1]
