@@ -421,9 +421,12 @@ def fold_figures(cfg, history: pd.DataFrame, best_epoch: int, cm: pd.DataFrame, 
     ax.set(title=f"{m} confusion matrix, test fold {preds['fold'].iloc[0]} (accuracy {acc:.3f})",
            xlabel="predicted", ylabel="true")
     _save(fig, fig_dir / f"{m}_confusion_matrix.png")
+    # training rows are measured on augmented crops (mixup, label smoothing), against the 50
+    # classes when the coarse model learns them; validation rows on whole clips and task labels
+    fine = ", 50-class targets" if cfg.group > 1 else ""
     for metric in ("loss", "accuracy"):
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        ax.plot(history["epoch"], history[f"train_{metric}"], label="train")
+        ax.plot(history["epoch"], history[f"train_{metric}"], label=f"train (augmented{fine * (metric == 'loss')})")
         ax.plot(history["epoch"], history[f"val_{metric}"], label="validation")
         ax.axvline(best_epoch, color="grey", ls="--", lw=0.8, label=f"tested epoch ({best_epoch})")
         ax.set(title=f"{m} {metric}", xlabel="epoch", ylabel=metric)
