@@ -95,8 +95,12 @@ class Config:
 
     @property
     def group(self) -> int:
-        """Fine labels per model output summed into one task label (10 for coarse from fine)."""
-        return 10 if self.task == "coarse" and self.fine_supervision else 1
+        return label_group(asdict(self))
+
+
+def label_group(cfg: dict) -> int:
+    """Fine labels per model output summed into one task label (10 for coarse from fine)."""
+    return 10 if cfg["task"] == "coarse" and cfg.get("fine_supervision") else 1
 
 
 CHOICES = {"task": ("coarse", "fine"), "model": tuple(MODELS), "schedule": ("onecycle", "plateau", "constant"),

@@ -17,7 +17,7 @@ import torch
 
 from dataset import class_names, fit_length, read_audio
 from explain import explain_files
-from main import make_features
+from main import label_group, make_features
 from model import build_model
 from train import load_checkpoint, predict_proba
 
@@ -51,7 +51,7 @@ class Predictor:
             raise ValueError(f"checkpoint {checkpoint} does not fit what was asked: " + ", ".join(
                 f"{k} is {a!r} in the checkpoint but {b!r} was asked" for k, (a, b) in wrong.items()))
         self.names = class_names(self.cfg["task"])
-        self.group = 10 if self.cfg["task"] == "coarse" and self.cfg.get("fine_supervision") else 1
+        self.group = label_group(self.cfg)
         self.features = make_features(self.cfg).to(self.device)
         self.features.load_state_dict(ck["features"])
         self.model = build_model(self.cfg["model"], len(self.names) * self.group)
