@@ -11,12 +11,13 @@ the normalised log-mel, from a baseline of silence (each clip's own minimum, a c
 they measure what differs from silence; only the positive evidence is kept. `method="gradcam"`
 gives a coarser Grad-CAM view of the last conv block. `cfg` is a Config or its dict.
 """
-import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from train import atomic_write
 
 
 def _cfg(cfg) -> dict:
@@ -125,9 +126,8 @@ def explain_files(model, features, waves, names, class_names, cfg, out_dir, grou
             db = features.db(wave[None].to(features.mean.device))[0].cpu()
         overlay_figure(db, maps[0], f"{Path(name).name}: {class_names[idx[0]]}", cfg,
                        top=[(class_names[i], float(q)) for q, i in zip(p, idx)], path=stem.with_suffix(".png"))
-        tmp = stem.with_name(f".{stem.name}.wav.tmp")
-        sf.write(tmp, np.clip(mask_audio(wave, maps[0], features).numpy(), -1, 1), cfg["sample_rate"], format="WAV")
-        os.replace(tmp, stem.with_suffix(".wav"))
+        audio = np.clip(mask_audio(wave, maps[0], features).numpy(), -1, 1)
+        atomic_write(stem.with_suffix(".wav"), lambda tmp: sf.write(tmp, audio, cfg["sample_rate"], format="WAV"))
         written += [stem.with_suffix(".png"), stem.with_suffix(".wav")]
     return written
 

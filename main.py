@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import inspect
 import json
-import os
 import platform
 import random
 import shlex
@@ -35,7 +34,7 @@ from dataset import (Augment, LogMel, WaveformDataset, cache_key, class_names, l
 from download import CATEGORIES, ensure_esc50
 from explain import saliency_figure
 from model import MODELS, build_model
-from train import (atomic_csv, evaluate, fit, is_main_process, load_checkpoint, setup_distributed)
+from train import (atomic_csv, atomic_write, evaluate, fit, is_main_process, load_checkpoint, setup_distributed)
 
 
 @dataclass
@@ -238,9 +237,7 @@ def write_run_json(record: dict, t0: float, path: Path, **more) -> None:
     record = {**record, **more, "started": time.strftime(stamp, time.localtime(t0)), "ended": time.strftime(stamp),
               "wall_seconds": round(time.time() - t0, 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
 # ---------------------------------------------------------------- building blocks shared with predict.py
@@ -483,7 +480,7 @@ def check_run_config(cfg: Config, run_dir: Path) -> None:
                              f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}). "
                              "Choose another --name, or delete that folder to start over.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n"))
 
 
 def _interrupt(signum, frame):

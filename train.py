@@ -46,19 +46,20 @@ def is_main_process() -> bool:
 
 # ---------------------------------------------------------------- checkpoints
 
-def atomic_save(obj, path) -> None:
-    """torch.save to a temporary name in the same folder, then rename: a crash never leaves half a file."""
+def atomic_write(path, write) -> None:
+    """`write(tmp)` to a temporary name in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_save(obj, path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_csv(df: pd.DataFrame, path, **kw) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, **kw)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, **kw))
 
 
 def rng_states() -> dict:
