@@ -11,21 +11,22 @@ and the cost of each. The checkpoint was chosen by whole-clip validation accurac
 favours that column by a little.
 """
 import argparse
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from dataset import load_meta, load_waveforms, splits
+from dataset import WaveformDataset, load_meta, load_waveforms, make_loader, splits
 from predict import Predictor
-from train import predict_proba
+from train import evaluate
 
 
-def scores(p: Predictor, waves: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    return torch.cat([predict_proba(p.model, p.features, waves[i:i + batch], p.device, group=p.group)
-                      for i in range(0, len(waves), batch)])
+def scores(p: Predictor, waves: np.ndarray, labels) -> np.ndarray:
+    """Task-label probabilities (N, C), through the same evaluation main.py uses."""
+    loader = make_loader(WaveformDataset(waves, labels), 64)
+    return evaluate(p.model, p.features, loader, p.device, group=p.group)["probs"]
 
 
 def main(argv=None):
@@ -37,35 +38,37 @@ def main(argv=None):
     a.add_argument("--crops", type=int, default=10, help="evenly spaced crops per clip")
     a.add_argument("--device", default="cpu")
     args = a.parse_args(argv)
-    meta = load_meta(Path(args.data_root) / "ESC-50")
+    run_dir, data_dir = Path(args.results_dir) / args.run, Path(args.data_root) / "ESC-50"
+    if not (run_dir / "config.json").exists():
+        raise SystemExit(f"no {run_dir / 'config.json'}: train the run first")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    meta = load_meta(data_dir)
+    all_waves, labels = load_waveforms(data_dir, cfg["sample_rate"], meta=meta), meta[cfg["task"]].to_numpy()
+    crop = int(cfg["crop_seconds"] * cfg["sample_rate"])
     rows, seconds = [], {"whole clip": 0.0, "crops": 0.0}
     for k in [int(f) for f in args.folds.split(",")]:
-        path = Path(args.results_dir) / args.run / f"fold{k}" / "best.pt"
+        path = run_dir / f"fold{k}" / "best.pt"
         if not path.exists():
             print(f"fold {k}: no {path}, skipped")
             continue
-        p = Predictor(path, args.device)
+        p = Predictor(path, args.device, expect=cfg)
         va = splits(meta, k)[1]
-        waves = torch.from_numpy(np.asarray(load_waveforms(Path(args.data_root) / "ESC-50", p.cfg["sample_rate"],
-                                                           meta=meta)[va], dtype=np.float32))
-        y = meta[p.cfg["task"]].to_numpy()[va]
-        crop = int(p.cfg["crop_seconds"] * p.cfg["sample_rate"])
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            whole = scores(p, waves)
-            t1 = time.perf_counter()
-            crops = torch.stack([scores(p, waves[:, o:o + crop])
-                                 for o in np.linspace(0, waves.shape[1] - crop, args.crops).astype(int)]).mean(0)
-            t2 = time.perf_counter()
+        waves, y = np.asarray(all_waves[va]), labels[va]
+        t0 = time.perf_counter()
+        whole = scores(p, waves, y)
+        t1 = time.perf_counter()
+        crops = np.mean([scores(p, waves[:, o:o + crop], y)
+                         for o in np.linspace(0, waves.shape[1] - crop, args.crops).astype(int)], axis=0)
+        t2 = time.perf_counter()
         seconds["whole clip"] += t1 - t0
         seconds["crops"] += t2 - t1
-        acc = {name: float((q.argmax(1).numpy() == y).mean())
+        acc = {name: float((q.argmax(1) == y).mean())
                for name, q in (("whole clip", whole), (f"{args.crops} crops", crops), ("both", (whole + crops) / 2))}
         rows.append({"test_fold": k, "validation_fold": int(meta.fold.iloc[va[0]]), **acc})
         print(f"fold {k} (validation fold {rows[-1]['validation_fold']}): "
               + ", ".join(f"{n} {v:.4f}" for n, v in acc.items()), flush=True)
     if not rows:
-        raise SystemExit(f"no checkpoints under {Path(args.results_dir) / args.run}: train the run first")
+        raise SystemExit(f"no checkpoints under {run_dir}: train the run first")
     df = pd.DataFrame(rows).set_index("test_fold")
     print(f"\n{args.run}, validation accuracy, mean of {len(df)} folds:")
     print(df.drop(columns="validation_fold").mean().to_string(float_format="%.4f"))
