@@ -6,8 +6,11 @@
 Times, side by side in one process and interleaved batch by batch: fetching a training batch
 of waveforms (random crops from the cached array), LogMel + Augment on the training device,
 the model's forward + backward + optimizer step, and evaluation (LogMel + forward on whole
-clips). Prints ms per batch, samples/s and the pipeline's share of a training step, so two
-runs (before and after a change) can be compared as ratios; absolute times vary by machine.
+clips). Where bf16 autocast is fast (CUDA, CPUs with AMX; `train.bf16_is_fast`) the model step
+and evaluation are timed both in bf16 (the default, `amp`) and in float32, on the same batches.
+Prints ms per batch, samples/s, the pipeline's share of a training step and the bf16 / float32
+speed-up, so two runs (before and after a change) can be compared as ratios; absolute times
+vary by machine.
 """
 import argparse
 import time
@@ -18,7 +21,7 @@ import torch
 from dataset import Augment, WaveformDataset, load_meta, load_waveforms, make_loader, splits
 from main import Config, make_features, num_outputs, resolve_device
 from model import build_model
-from train import _autocast, make_optimizer
+from train import _autocast, bf16_is_fast, make_optimizer
 
 
 def sync(device):
@@ -51,9 +54,15 @@ def main(argv=None):
     features.mean.fill_(-40.0), features.std.fill_(20.0)  # fixed: statistics don't change the cost
     augment = Augment(num_outputs(cfg), 20.0, cfg.gain_db, cfg.stretch, cfg.shift, cfg.time_masks,
                       cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha).to(device).train()
-    model = build_model(cfg.model, num_outputs(cfg)).to(device).to(memory_format=torch.channels_last)
-    opt, _ = make_optimizer(model, cfg, len(train))
-    t = {"fetch": [], "features + augment": [], "forward + backward + step": [], "evaluation": []}
+    precisions = ["bf16", "float32"] if cfg.amp and bf16_is_fast(device) else ["float32"]
+    models = {}
+    for prec in precisions:  # the same initial weights for each precision
+        torch.manual_seed(0)
+        model = build_model(cfg.model, num_outputs(cfg)).to(device).to(memory_format=torch.channels_last)
+        models[prec] = (model, make_optimizer(model, cfg, len(train))[0])
+    t = {"fetch": [], "features + augment": []}
+    for prec in precisions:
+        t[f"forward + backward + step, {prec}"], t[f"evaluation, {prec}"] = [], []
     it, eval_it = iter(train), iter(evalset)
     for i in range(args.batches + 2):
         t0 = time.perf_counter()
@@ -65,35 +74,44 @@ def main(argv=None):
             x, target = augment(features(wave), y)
         x = x.contiguous(memory_format=torch.channels_last)
         sync(device)
-        t2 = time.perf_counter()
-        model.train()
-        with _autocast(device, cfg.amp):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sync(device)
-        t3 = time.perf_counter()
-        model.eval()
+        times = {"fetch": t1 - t0, "features + augment": time.perf_counter() - t1}
         ew, _ = next(eval_it)
-        with torch.no_grad(), _autocast(device, cfg.amp):
-            model(features(ew.to(device)).contiguous(memory_format=torch.channels_last))
-        sync(device)
-        t4 = time.perf_counter()
+        for prec, (model, opt) in models.items():
+            t2 = time.perf_counter()
+            model.train()
+            with _autocast(device, prec == "bf16"):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sync(device)
+            t3 = time.perf_counter()
+            model.eval()
+            with torch.no_grad(), _autocast(device, prec == "bf16"):
+                model(features(ew.to(device)).contiguous(memory_format=torch.channels_last))
+            sync(device)
+            times[f"forward + backward + step, {prec}"], times[f"evaluation, {prec}"] = t3 - t2, time.perf_counter() - t3
         if i >= 2:
-            for k, (a, b) in zip(t, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
-                t[k].append(b - a)
+            for k, v in times.items():
+                t[k].append(v)
     ms = {k: 1000 * float(np.median(v)) for k, v in t.items()}
-    step = ms["fetch"] + ms["features + augment"] + ms["forward + backward + step"]
     print(f"{cfg.model}, {cfg.task}, {device}, {torch.get_num_threads()} threads; {source}; "
           f"training batch {cfg.batch_size} x {cfg.crop_seconds} s crops, evaluation batch {2 * cfg.batch_size} "
           f"x 5 s clips; median of {args.batches} batches")
     for k, v in ms.items():
-        print(f"  {k:28s} {v:8.1f} ms/batch")
-    print(f"  data pipeline share of a training step: {(ms['fetch'] + ms['features + augment']) / step:.1%} "
-          f"(fetch {ms['fetch'] / step:.1%}, features + augment {ms['features + augment'] / step:.1%})")
-    print(f"  training throughput:   {1000 * cfg.batch_size / step:7.1f} samples/s")
-    print(f"  evaluation throughput: {1000 * 2 * cfg.batch_size / ms['evaluation']:7.1f} samples/s")
+        print(f"  {k:36s} {v:8.1f} ms/batch")
+    pipeline = ms["fetch"] + ms["features + augment"]
+    rates = {}
+    for prec in precisions:
+        step = pipeline + ms[f"forward + backward + step, {prec}"]
+        rates[prec] = (1000 * cfg.batch_size / step, 1000 * 2 * cfg.batch_size / ms[f"evaluation, {prec}"])
+        print(f"  {prec}: data pipeline share of a training step {pipeline / step:.1%} (fetch {ms['fetch'] / step:.1%}, "
+              f"features + augment {ms['features + augment'] / step:.1%}); training {rates[prec][0]:.1f} samples/s, "
+              f"evaluation {rates[prec][1]:.1f} samples/s")
+    if len(rates) == 2:
+        print(f"  bf16 / float32 throughput: training {rates['bf16'][0] / rates['float32'][0]:.2f}x, "
+              f"evaluation {rates['bf16'][1] / rates['float32'][1]:.2f}x")
+    return rates  # precision -> (training, evaluation) samples/s
 
 
 if __name__ == "__main__":

@@ -198,3 +198,14 @@ def test_eval_crops_scores_the_validation_fold(run, esc50, capsys):
     assert 0 <= df.loc[5, "3 crops"] <= 1 and "crops / whole clip" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="train the run first"):
         eval_crops.main(argv[:4] + ["--run", "none"])
+
+
+def test_pipeline_benchmark_times_both_precisions_where_bf16_is_fast(tmp_path, capsys):
+    from benchmarks import pipeline
+    from train import bf16_is_fast
+    rates = pipeline.main(["--batches", "1", "--data-root", str(tmp_path)])  # no ESC-50 there: random audio
+    out = capsys.readouterr().out
+    assert "random audio" in out and "data pipeline share" in out
+    assert list(rates) == (["bf16", "float32"] if bf16_is_fast(torch.device("cpu")) else ["float32"])
+    assert all(r > 0 for pair in rates.values() for r in pair)
+    assert ("bf16 / float32 throughput" in out) == (len(rates) == 2)

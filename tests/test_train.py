@@ -13,7 +13,7 @@ from conftest import tiny_args
 from dataset import load_meta, load_waveforms
 from main import Config, parse_config, prepare_fold
 from model import build_model
-from train import evaluate, fit, load_checkpoint, make_optimizer
+from train import _autocast, bf16_is_fast, evaluate, fit, load_checkpoint, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +81,17 @@ def test_short_run_learns_and_checkpoints(esc50, tmp_path):
     assert m["accuracy"] >= 0.8 and m["probs"].shape == (50, 5)
     lr = hist["lr"].to_numpy()  # one-cycle: warm up, then anneal
     assert lr[0] < lr.max() / 5 and lr[-1] < lr.max() / 2 and lr.argmax() not in (0, len(lr) - 1)
+
+
+def test_bf16_autocast_on_cpus_where_it_is_fast(esc50, tmp_path):
+    cfg, f = setup(esc50, tmp_path, "--epochs", "4", "--amp")
+    cpu = torch.device("cpu")
+    x = f["features"](torch.zeros(2, 4000))
+    for amp, fast in ((True, torch.bfloat16), (False, torch.float32)):
+        with _autocast(cpu, amp):
+            assert f["model"](x).dtype == (fast if bf16_is_fast(cpu) else torch.float32)
+    hist = run(cfg, f, tmp_path / "run")
+    assert hist["val_accuracy"].max() >= 0.6  # chance is 0.2
 
 
 def test_early_stopping_stops_when_validation_stalls(esc50, tmp_path):
