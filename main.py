@@ -34,7 +34,8 @@ from dataset import (Augment, LogMel, WaveformDataset, cache_key, class_names, l
 from download import CATEGORIES, ensure_esc50
 from explain import saliency_figure
 from model import MODELS, build_model
-from train import (atomic_csv, atomic_write, evaluate, fit, is_main_process, load_checkpoint, setup_distributed)
+from train import (atomic_csv, atomic_write, evaluate, fit, is_main_process, load_checkpoint, scores,
+                   setup_distributed)
 
 
 @dataclass
@@ -322,9 +323,14 @@ def write_fold_outputs(cfg, test_meta, m, history, best_epoch, out: Path, figs: 
     if len(names) <= 10:  # one row per label: readable for the 5 categories, not for 50 classes
         saliency_figure(model, features, test_waves, m["targets"], pred, names, cfg,
                         figs / f"{cfg.model}_saliency.png", group=cfg.group)
-    metrics = pd.DataFrame([{"test_fold": int(test_meta["fold"].iloc[0]), "best_epoch": best_epoch,
-                             "epochs": len(history), "train_seconds": float(history["seconds"].sum()),
-                             **{k: m[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")}}])
+    row = {"test_fold": int(test_meta["fold"].iloc[0]), "best_epoch": best_epoch, "epochs": len(history),
+           "train_seconds": float(history["seconds"].sum()),
+           **{k: m[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")}}
+    if cfg.task == "fine":  # the same predictions scored on the 5 categories (class probabilities summed)
+        group = len(class_names("fine")) // len(class_names("coarse"))
+        cat = scores(torch.from_numpy(m["probs"]), torch.from_numpy(m["targets"]), group)
+        row.update({f"category_{k}": v for k, v in cat.items()})
+    metrics = pd.DataFrame([row])
     atomic_csv(metrics, out / "test_metrics.csv", index=False, float_format="%.4f")
 
 
@@ -541,6 +547,9 @@ def main(argv=None) -> int:
     if summary is not None:
         mean, std = summary.iloc[-2], summary.iloc[-1]
         print(f"  5-fold CV: accuracy {mean['accuracy']:.3f} +- {std['accuracy']:.3f}  -> {run_dir / 'cv_summary.csv'}")
+        if "category_accuracy" in summary:
+            print(f"  5-fold CV, the same predictions on the 5 categories: accuracy "
+                  f"{mean['category_accuracy']:.3f} +- {std['category_accuracy']:.3f}")
     else:
         missing = [k for k in range(1, 6) if not (run_dir / f"fold{k}" / "test_metrics.csv").exists()]
         if len(missing) < 5 and (cfg.cv or len(cfg.fold_list) > 1):

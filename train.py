@@ -146,20 +146,26 @@ def predict_proba(model, features, waves: torch.Tensor, device, *, group=1, amp=
 
 @torch.no_grad()
 def evaluate(model, features, loader, device, *, group=1, amp=True) -> dict:
-    """Loss (NLL of the task-label probabilities), accuracy, balanced accuracy, macro F1, and the
-    per-clip probabilities (N, C) and targets (N,) over `loader` (task labels)."""
+    """`scores` of the task-label probabilities, and the per-clip probabilities (N, C) and
+    targets (N,) over `loader` (task labels)."""
     model.eval()
     probs, ys = [], []
     for wave, y in loader:
         probs.append(predict_proba(model, features, wave, device, group=group, amp=amp))
         ys.append(y)
     p, y = torch.cat(probs), torch.cat(ys)
+    return {**scores(p, y), "probs": p.numpy(), "targets": y.numpy()}
+
+
+def scores(p: torch.Tensor, y: torch.Tensor, group: int = 1) -> dict:
+    """Loss, accuracy, balanced accuracy and macro F1 of probabilities `p` (N, C) against labels
+    `y` (N,); with `group` > 1, on the coarser labels `y // group` (e.g. 50 classes -> 5 categories)."""
+    p, y = _collapse(p, group), y // group
     pred = p.argmax(1).numpy()
     return {"loss": F.nll_loss(p.clamp_min(1e-12).log(), y).item(),
             "accuracy": float((pred == y.numpy()).mean()),
             "balanced_accuracy": balanced_accuracy_score(y.numpy(), pred),
-            "macro_f1": f1_score(y.numpy(), pred, average="macro"),
-            "probs": p.numpy(), "targets": y.numpy()}
+            "macro_f1": f1_score(y.numpy(), pred, average="macro")}
 
 
 # ---------------------------------------------------------------- fit

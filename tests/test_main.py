@@ -11,7 +11,7 @@ import torch
 import main
 import predict
 from conftest import tiny_args
-from download import CATEGORIES
+from download import CATEGORIES, CLASSES
 from fake_esc50 import make_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,13 +98,21 @@ def test_cv_writes_a_summary_of_five_folds(esc50, tmp_path, capsys):
     assert not (res / "cv_summary.csv").exists()
     assert "CV summary waits for folds [3, 4, 5]" in capsys.readouterr().out
     assert main.main([*args, "--cv"]) == 0  # the rest; folds 1 and 2 are skipped
-    assert "fold 1: complete, skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fold 1: complete, skipped" in out and "on the 5 categories: accuracy" in out
     summary = pd.read_csv(res / "cv_summary.csv")
     assert summary["test_fold"].astype(str).tolist() == ["1", "2", "3", "4", "5", "mean", "std"]
     assert summary["accuracy"].iloc[5] == pytest.approx(summary["accuracy"].iloc[:5].mean(), abs=1e-4)
     assert (tmp_path / "figures" / "resnet18_fine" / "resnet18_cv_accuracy.png").exists()
     preds = pd.read_csv(res / "fold3" / "predictions.csv")
     assert preds.shape[1] == 4 + 50 and set(preds["fold"]) == {3}
+    # a fine run also scores its predictions on the 5 categories: class probabilities summed
+    category = {c: i // 10 for i, c in enumerate(CLASSES)}  # ESC-50: category = target // 10
+    probs = preds.filter(like="p_").rename(columns=lambda c: category[c[2:]]).T.groupby(level=0).sum().T
+    expected = (probs.to_numpy().argmax(1) == preds["true"].map(category).to_numpy()).mean()
+    metrics = pd.read_csv(res / "fold3" / "test_metrics.csv")
+    assert metrics["category_accuracy"].iloc[0] == pytest.approx(expected, abs=1e-4)
+    assert "category_accuracy" in summary
     assert not (tmp_path / "figures" / "resnet18_fine" / "fold3" / "resnet18_saliency.png").exists()
 
 
