@@ -95,8 +95,8 @@ def _collapse(probs: torch.Tensor, group: int) -> torch.Tensor:
 
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether bf16 autocast speeds `device` up: CUDA, or a CPU with AMX tiles (Intel Xeon 4th
-    generation and later; 2x training and 2.8x evaluation throughput for ResNet-18 on 2 cores,
-    `python -m benchmarks.pipeline`). Elsewhere bf16 convolutions are emulated and slower."""
+    generation and later: 1.9x the training and evaluation throughput of float32 for the default
+    ResNet-18 on 2 cores, `python -m benchmarks.pipeline`). Elsewhere bf16 is emulated and slower."""
     if device.type == "cuda":
         return True
     return device.type == "cpu" and bool(getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)())
