@@ -69,8 +69,8 @@ class Config:
     # model and optimisation
     model: str = "resnet18"  # resnet18 or densenet121
     pretrained: bool = False  # start from torchvision's ImageNet weights
-    epochs: int = 50  # maximum epochs
-    patience: int = 15  # early stopping: epochs without a better validation accuracy
+    epochs: int = 100  # maximum epochs (100 against 50: README, "What was tried")
+    patience: int = 30  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32  # training batch size
     lr: float = 2e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.05  # AdamW weight decay
