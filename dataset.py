@@ -25,7 +25,7 @@ import torchaudio
 from torch import nn
 from tqdm import tqdm
 
-from download import CATEGORIES, CLASSES, find_clip
+from download import CATEGORIES, CLASSES, CLASSES_PER_CATEGORY, find_clip
 
 CACHE_VERSION = 1  # bump when the cache format changes
 
@@ -34,7 +34,7 @@ def load_meta(data_dir) -> pd.DataFrame:
     """esc50.csv with two label columns added: `fine` (target, 0-49) and `coarse` (category, 0-4)."""
     meta = pd.read_csv(Path(data_dir) / "meta" / "esc50.csv")
     meta["fine"] = meta["target"]
-    meta["coarse"] = meta["target"] // 10
+    meta["coarse"] = meta["target"] // CLASSES_PER_CATEGORY
     return meta
 
 

@@ -35,7 +35,8 @@ import soundfile as sf
 from tqdm import tqdm
 
 URL = "https://github.com/karoldvl/ESC-50/archive/master.zip"
-CATEGORIES = ["animals", "natural", "human", "interior", "exterior"]  # category id = target // 10
+CATEGORIES = ["animals", "natural", "human", "interior", "exterior"]  # category id = target // CLASSES_PER_CATEGORY
+CLASSES_PER_CATEGORY = 10
 CLASSES = [  # ESC-50 class names in target order, as in esc50.csv's `category` column
     "dog", "rooster", "pig", "cow", "frog", "cat", "hen", "insects", "sheep", "crow",
     "rain", "sea_waves", "crackling_fire", "crickets", "chirping_birds", "water_drops",
@@ -64,8 +65,8 @@ def category_table() -> pd.DataFrame:
     return pd.DataFrame({
         "target": range(len(CLASSES)),
         "class_name": CLASSES,
-        "category_id": [t // 10 for t in range(len(CLASSES))],
-        "category_name": [CATEGORIES[t // 10] for t in range(len(CLASSES))],
+        "category_id": [t // CLASSES_PER_CATEGORY for t in range(len(CLASSES))],
+        "category_name": [CATEGORIES[t // CLASSES_PER_CATEGORY] for t in range(len(CLASSES))],
     })
 
 

@@ -31,7 +31,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from dataset import (Augment, LogMel, WaveformDataset, cache_key, class_names, load_meta, load_waveforms,
                      make_loader, splits)
-from download import CATEGORIES, ensure_esc50
+from download import CATEGORIES, CLASSES_PER_CATEGORY, ensure_esc50
 from explain import saliency_figure
 from model import MODELS, build_model
 from train import (atomic_csv, atomic_write, evaluate, fit, is_main_process, load_checkpoint, scores,
@@ -100,7 +100,7 @@ class Config:
 
 def label_group(cfg: dict) -> int:
     """Fine labels per model output summed into one task label (10 for coarse from fine)."""
-    return 10 if cfg["task"] == "coarse" and cfg.get("fine_supervision") else 1
+    return CLASSES_PER_CATEGORY if cfg["task"] == "coarse" and cfg.get("fine_supervision") else 1
 
 
 CHOICES = {"task": ("coarse", "fine"), "model": tuple(MODELS), "schedule": ("onecycle", "plateau", "constant"),
@@ -327,8 +327,7 @@ def write_fold_outputs(cfg, test_meta, m, history, best_epoch, out: Path, figs: 
            "train_seconds": float(history["seconds"].sum()),
            **{k: m[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")}}
     if cfg.task == "fine":  # the same predictions scored on the 5 categories (class probabilities summed)
-        group = len(class_names("fine")) // len(class_names("coarse"))
-        cat = scores(torch.from_numpy(m["probs"]), torch.from_numpy(m["targets"]), group)
+        cat = scores(torch.from_numpy(m["probs"]), torch.from_numpy(m["targets"]), CLASSES_PER_CATEGORY)
         row.update({f"category_{k}": v for k, v in cat.items()})
     metrics = pd.DataFrame([row])
     atomic_csv(metrics, out / "test_metrics.csv", index=False, float_format="%.4f")

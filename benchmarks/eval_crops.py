@@ -23,7 +23,7 @@ from predict import Predictor
 from train import evaluate
 
 
-def scores(p: Predictor, waves: np.ndarray, labels) -> np.ndarray:
+def probabilities(p: Predictor, waves: np.ndarray, labels) -> np.ndarray:
     """Task-label probabilities (N, C), through the same evaluation main.py uses."""
     loader = make_loader(WaveformDataset(waves, labels), 64)
     return evaluate(p.model, p.features, loader, p.device, group=p.group)["probs"]
@@ -55,9 +55,9 @@ def main(argv=None):
         va = splits(meta, k)[1]
         waves, y = np.asarray(all_waves[va]), labels[va]
         t0 = time.perf_counter()
-        whole = scores(p, waves, y)
+        whole = probabilities(p, waves, y)
         t1 = time.perf_counter()
-        crops = np.mean([scores(p, waves[:, o:o + crop], y)
+        crops = np.mean([probabilities(p, waves[:, o:o + crop], y)
                          for o in np.linspace(0, waves.shape[1] - crop, args.crops).astype(int)], axis=0)
         t2 = time.perf_counter()
         seconds["whole clip"] += t1 - t0
