@@ -144,12 +144,25 @@ def splits(meta: pd.DataFrame, test_fold: int = 5) -> tuple:
 
 class WaveformDataset(torch.utils.data.Dataset):
     """Cached waveforms and labels. `crop`: samples per training example, taken at a random
-    offset (None: the whole clip). Fetches whole batches at once through `__getitems__`, so a
-    batch costs one fancy-index of the array, not a Python call per clip."""
+    offset (None: the whole clip). With `min_energy` > 0 the offset is drawn only among crops
+    holding at least that fraction of the clip's loudest crop's energy (measured in blocks of
+    crop / 25 samples), so a short event padded with silence does not yield silent crops that
+    carry its label. Fetches whole batches at once through `__getitems__`, so a batch costs one
+    fancy-index of the array, not a Python call per clip."""
 
-    def __init__(self, waves: np.ndarray, labels, crop: int = None):
+    def __init__(self, waves: np.ndarray, labels, crop: int = None, min_energy: float = 0.0):
         self.waves, self.labels = waves, torch.tensor(np.asarray(labels), dtype=torch.long)
         self.crop = crop if crop and crop < waves.shape[1] else None
+        self.allowed = None  # (clips, block offsets): crops that may be drawn
+        if self.crop is not None and min_energy > 0:
+            self.block = max(1, self.crop // 25)
+            n = waves.shape[1] // self.block
+            energy = np.concatenate([(np.asarray(waves[i:i + 256, :n * self.block], dtype=np.float32)
+                                      .reshape(-1, n, self.block) ** 2).sum(-1) for i in range(0, len(waves), 256)])
+            k = self.crop // self.block
+            total = np.cumsum(np.pad(energy, ((0, 0), (1, 0))), axis=1)
+            window = total[:, k:] - total[:, :-k]  # energy of the crop starting at each block
+            self.allowed = torch.from_numpy(window >= min_energy * window.max(axis=1, keepdims=True))
 
     def __len__(self):
         return len(self.labels)
@@ -158,7 +171,12 @@ class WaveformDataset(torch.utils.data.Dataset):
         idx = np.asarray(idx)
         x = self.waves[idx]  # (B, T)
         if self.crop is not None:
-            start = torch.randint(0, x.shape[1] - self.crop + 1, (len(idx),)).numpy()
+            if self.allowed is None:
+                start = torch.randint(0, x.shape[1] - self.crop + 1, (len(idx),))
+            else:
+                block = torch.multinomial(self.allowed[idx].float(), 1)[:, 0]
+                start = (block * self.block + torch.randint(0, self.block, (len(idx),))).clamp_max(x.shape[1] - self.crop)
+            start = start.numpy()
             x = x[np.arange(len(idx))[:, None], start[:, None] + np.arange(self.crop)]
         return torch.from_numpy(np.asarray(x, dtype=np.float32)), self.labels[idx]  # (B, T), (B,)
 

@@ -57,6 +57,7 @@ class Config:
     f_min: float = 0.0  # lowest mel frequency, Hz
     f_max: float = 0.0  # highest mel frequency, Hz; 0: sample_rate / 2
     crop_seconds: float = 2.5  # training crop at a random offset (time shift); evaluation sees the whole 5 s
+    crop_min_energy: float = 0.0  # crops hold >= this fraction of the clip's loudest crop's energy; 0: any offset
     # augmentation (training only; 0 switches a piece off)
     gain_db: float = 6.0  # random gain in [-gain_db, +gain_db] dB
     stretch: float = 1.2  # time stretch by a factor in [1/stretch, stretch]
@@ -122,6 +123,7 @@ def validate(cfg: Config) -> Config:
         need(getattr(cfg, f) >= 0, f, "must be >= 0")
     need(cfg.stretch >= 1, "stretch", "must be >= 1 (1: off)")
     need(cfg.crop_seconds <= 5, "crop_seconds", "ESC-50 clips are 5 s long")
+    need(0 <= cfg.crop_min_energy <= 1, "crop_min_energy", "must be in [0, 1] (0: crops at any offset)")
     need(cfg.f_max <= cfg.sample_rate / 2, "f_max", f"must be at most sample_rate / 2 = {cfg.sample_rate / 2}")
     need(cfg.f_max == 0 or cfg.f_min < cfg.f_max, "f_min", "must be below f_max")
     need(0 <= cfg.warmup < 1, "warmup", "must be in [0, 1)")
@@ -263,7 +265,8 @@ def prepare_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: 
     train_labels = meta["fine" if cfg.group > 1 else cfg.task].to_numpy()
     labels = meta[cfg.task].to_numpy()
     train_waves = np.asarray(waves[tr])
-    train_ds = WaveformDataset(train_waves, train_labels[tr], crop=int(cfg.crop_seconds * cfg.sample_rate))
+    train_ds = WaveformDataset(train_waves, train_labels[tr], crop=int(cfg.crop_seconds * cfg.sample_rate),
+                               min_energy=cfg.crop_min_energy)
     sampler = None
     if torch.distributed.is_initialized():
         sampler = torch.utils.data.distributed.DistributedSampler(train_ds, seed=cfg.seed)

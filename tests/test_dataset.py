@@ -95,6 +95,22 @@ def test_dataset_batches_equal_items_and_crop(esc50, meta):
     assert xb.shape == (7, 8000) and yb.shape == (7,)
 
 
+def test_crops_skip_the_silence_around_a_short_event():
+    waves = np.zeros((3, 8000), dtype=np.float16)
+    waves[0, 500:900] = 0.5  # a 0.05 s event at the start of a silent clip
+    waves[1, 7000:7400] = 0.5  # one at the end
+    waves[2] = np.random.default_rng(0).uniform(-0.1, 0.1, 8000)  # a steady sound: any offset will do
+    torch.manual_seed(0)
+    plain = WaveformDataset(waves, [0, 1, 2], crop=2000)
+    assert (plain.__getitems__([0, 1] * 100)[0].abs().amax(1) == 0).float().mean() > 0.5  # most miss the event
+    picky = WaveformDataset(waves, [0, 1, 2], crop=2000, min_energy=0.25)
+    x, y = picky.__getitems__([0, 1] * 100)
+    assert x.shape == (200, 2000) and (x.abs().amax(1) > 0).all() and y.tolist() == [0, 1] * 100
+    full = torch.from_numpy(waves[2].astype(np.float32))
+    starts = [next(s for s in range(6001) if torch.equal(full[s:s + 2000], row)) for row in picky.__getitems__([2] * 40)[0]]
+    assert min(starts) < 1500 and max(starts) > 4500  # a steady clip keeps the whole range of offsets
+
+
 def test_logmel_shape_dtype_and_normalisation(esc50, meta):
     waves = load_waveforms(esc50, 8000, meta=meta)
     lm = LogMel(8000, n_fft=256, hop_length=64, n_mels=32)

@@ -132,6 +132,7 @@ def test_cli_overrides():
     (["--folds", "1,7"], "--folds '1,7': must be comma-separated numbers from 1 to 5"),
     (["--f-max", "12000"], "--f_max 12000.0: must be at most sample_rate / 2"),
     (["--crop-seconds", "6"], "ESC-50 clips are 5 s long"),
+    (["--crop-min-energy", "1.5"], "--crop_min_energy 1.5: must be in [0, 1]"),
     (["--cv", "maybe"], "'maybe' is not a boolean"),
 ])
 def test_cli_errors_name_the_value(args, message, capsys):
