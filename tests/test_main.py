@@ -209,6 +209,27 @@ def test_eval_crops_scores_the_validation_fold(run, esc50, capsys):
         eval_crops.main(argv[:4] + ["--run", "none"])
 
 
+def test_silent_crops_benchmark_finds_the_padded_class(tmp_path, capsys):
+    import soundfile as sf
+    from benchmarks import silent_crops
+    from download import ensure_esc50
+    from fake_esc50 import make_fake_esc50
+    src = make_fake_esc50(tmp_path / "src", clips_per_fold=1, seconds=5.0)
+    meta = pd.read_csv(src / "meta" / "esc50.csv")
+    padded = meta[meta.target == 0]
+    for name in padded.filename:  # class 0 becomes a 0.3-s tone followed by silence
+        x, sr = sf.read(src / "audio" / name)
+        x[int(0.3 * sr):] = 0
+        sf.write(src / "audio" / name, x, sr)
+    ensure_esc50(tmp_path / "data", source=src)
+    shares = silent_crops.main(["--data-root", str(tmp_path / "data"), "--crops", "640"])
+    plain, picky = shares.values()
+    name = padded.category.iloc[0]
+    assert plain[name] > 0.5 and plain.drop(name).max() == 0  # every crop after 0.3 s is silent
+    assert picky.max() == 0
+    assert "worst classes: " + name in capsys.readouterr().out
+
+
 def test_pipeline_benchmark_times_both_precisions_where_bf16_is_fast(tmp_path, capsys):
     from benchmarks import pipeline
     from train import bf16_is_fast
