@@ -142,6 +142,14 @@ def splits(meta: pd.DataFrame, test_fold: int = 5) -> tuple:
     return parts
 
 
+def block_energy(waves: np.ndarray, block: int) -> np.ndarray:
+    """Energy (sum of squares, float32) of each whole `block` of samples: (clips, T // block).
+    Works through 256 clips at a time, so a float16 cache is never copied whole."""
+    n = waves.shape[1] // block
+    return np.concatenate([(np.asarray(waves[i:i + 256, :n * block], dtype=np.float32).reshape(-1, n, block) ** 2)
+                           .sum(-1) for i in range(0, len(waves), 256)])
+
+
 class WaveformDataset(torch.utils.data.Dataset):
     """Cached waveforms and labels. `crop`: samples per training example, taken at a random
     offset (None: the whole clip). With `min_energy` > 0 the offset is drawn only among crops
@@ -156,9 +164,7 @@ class WaveformDataset(torch.utils.data.Dataset):
         self.allowed = None  # (clips, block offsets): crops that may be drawn
         if self.crop is not None and min_energy > 0:
             self.block = max(1, self.crop // 25)
-            n = waves.shape[1] // self.block
-            energy = np.concatenate([(np.asarray(waves[i:i + 256, :n * self.block], dtype=np.float32)
-                                      .reshape(-1, n, self.block) ** 2).sum(-1) for i in range(0, len(waves), 256)])
+            energy = block_energy(waves, self.block)
             k = self.crop // self.block
             total = np.cumsum(np.pad(energy, ((0, 0), (1, 0))), axis=1)
             window = total[:, k:] - total[:, :-k]  # energy of the crop starting at each block
@@ -175,7 +181,8 @@ class WaveformDataset(torch.utils.data.Dataset):
                 start = torch.randint(0, x.shape[1] - self.crop + 1, (len(idx),))
             else:
                 block = torch.multinomial(self.allowed[idx].float(), 1)[:, 0]
-                start = (block * self.block + torch.randint(0, self.block, (len(idx),))).clamp_max(x.shape[1] - self.crop)
+                start = block * self.block + torch.randint(0, self.block, (len(idx),))
+                start = start.clamp_max(x.shape[1] - self.crop)
             start = start.numpy()
             x = x[np.arange(len(idx))[:, None], start[:, None] + np.arange(self.crop)]
         return torch.from_numpy(np.asarray(x, dtype=np.float32)), self.labels[idx]  # (B, T), (B,)

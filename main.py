@@ -57,7 +57,7 @@ class Config:
     f_min: float = 0.0  # lowest mel frequency, Hz
     f_max: float = 0.0  # highest mel frequency, Hz; 0: sample_rate / 2
     crop_seconds: float = 2.5  # training crop at a random offset (time shift); evaluation sees the whole 5 s
-    crop_min_energy: float = 0.25  # crops hold >= this fraction of the loudest crop's energy (README, "What was tried"); 0: any offset
+    crop_min_energy: float = 0.25  # crops hold >= this share of the loudest crop's energy; 0: any offset (README)
     # augmentation (training only; 0 switches a piece off)
     gain_db: float = 6.0  # random gain in [-gain_db, +gain_db] dB
     stretch: float = 1.2  # time stretch by a factor in [1/stretch, stretch]

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dataset import WaveformDataset, load_meta, load_waveforms, splits
+from dataset import WaveformDataset, block_energy, load_meta, load_waveforms, splits
 from main import Config
 
 
@@ -31,7 +31,7 @@ def main(argv=None):
     meta = load_meta(f"{args.data_root}/ESC-50")
     tr = splits(meta, args.test_fold)[0]
     waves = np.asarray(load_waveforms(f"{args.data_root}/ESC-50", cfg.sample_rate, meta=meta)[tr])
-    energy = np.concatenate([(waves[i:i + 256].astype(np.float32) ** 2).sum(1) for i in range(0, len(waves), 256)])
+    energy = block_energy(waves, waves.shape[1])[:, 0]  # of each whole clip
     crop, batch = int(cfg.crop_seconds * cfg.sample_rate), cfg.batch_size
     settings = {"any offset (0)": 0.0, f"--crop-min-energy {args.min_energy}": args.min_energy}
     data = {k: WaveformDataset(waves, np.arange(len(waves)), crop=crop, min_energy=v) for k, v in settings.items()}
