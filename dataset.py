@@ -98,7 +98,7 @@ def load_waveforms(data_dir, sample_rate: int = 16000, cache_dir=None, meta=None
                                   unit="clip", leave=False)):
         waves[i] = fit_length(read_audio(find_clip(data_dir / "audio", name), sample_rate), n).numpy()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:  # np.save on a path would append .npy to the temporary name
         np.save(f, waves)
     os.replace(tmp, path)

@@ -352,7 +352,7 @@ def cv_summary(run_dir: Path) -> pd.DataFrame | None:
 
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:], dpi=110, bbox_inches="tight"))
     import matplotlib.pyplot as plt
     plt.close(fig)
 

@@ -47,9 +47,10 @@ def is_main_process() -> bool:
 # ---------------------------------------------------------------- checkpoints
 
 def atomic_write(path, write) -> None:
-    """`write(tmp)` to a temporary name in the same folder, then rename: a crash never leaves half a file."""
+    """`write(tmp)` to a temporary name in the same folder, then rename: a crash never leaves half a file.
+    The name holds the process id, so processes writing one file at once (folds run in parallel) don't collide."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
 

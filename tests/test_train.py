@@ -155,3 +155,25 @@ def test_torchrun_two_processes_write_one_set_of_files(esc50, tmp_path):
     assert (out / "fold5" / "test_metrics.csv").exists()
     assert proc.stdout.count("test fold 5: accuracy") == 1  # one summary: rank 0 alone reports and writes
     assert sorted(p.name for p in (out / "fold5").glob("*.pt")) == ["best.pt", "last.pt"]
+
+
+def _write_many(path, text, start, n=300):
+    start.wait()
+    for _ in range(n):
+        train.atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def test_atomic_write_from_processes_writing_one_file_at_once(tmp_path):
+    """Folds run as parallel processes all write the run's config.json and data figures."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    start, path = ctx.Event(), tmp_path / "config.json"
+    texts = ["a" * 100_000, "b" * 100_000]
+    procs = [ctx.Process(target=_write_many, args=(path, t, start)) for t in texts]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]  # a shared temporary name made one rename fail
+    assert path.read_text() in texts and list(tmp_path.iterdir()) == [path]
