@@ -8,7 +8,8 @@
 Edit the defaults in `Config` below. Results go to results/<name>/ and figures/<name>/
 (name: {model}_{task} unless set). Fold k is tested on fold k, validated on fold k-1 and
 trained on the other three. A fold whose test_metrics.csv exists is skipped; an interrupted
-fold resumes from its last.pt; cv_summary.csv is written once all five folds exist.
+fold resumes from its last.pt; cv_summary.csv is written once all five folds exist. Folds
+may run at once as separate processes (`--folds k` each, e.g. sharing one GPU).
 """
 import argparse
 import hashlib
