@@ -67,7 +67,7 @@ class Config:
     time_mask_frames: int = 25  # their maximum width, frames
     freq_masks: int = 2  # SpecAugment frequency masks
     freq_mask_bins: int = 8  # their maximum width, mel bins
-    mixup_alpha: float = 0.2  # mixup Beta(alpha, alpha); 0: off
+    mixup_alpha: float = 0.4  # mixup Beta(alpha, alpha); 0: off (0.2 before: README, "What was tried")
     # model and optimisation
     model: str = "resnet18"  # resnet18 or densenet121
     pretrained: bool = False  # start from torchvision's ImageNet weights
