@@ -104,7 +104,8 @@ def overlay_figure(db, map_, title, cfg, top=None, path=None):
         title = f"{title}\n" + ", ".join(f"{label} {p:.2f}" for label, p in top)
     fig.suptitle(title)
     if path is not None:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        path = Path(path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:], dpi=110, bbox_inches="tight"))
         plt.close(fig)
     return fig
 
@@ -173,6 +174,6 @@ def saliency_figure(model, features, waves, true, pred, class_names, cfg, path, 
         fig.colorbar(im, ax=axes, label="relative attribution", shrink=min(1.0, 3 / len(class_names)))
     fig.suptitle("Integrated gradients for the predicted label: correct (left) and wrong (right) test clips")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:], dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path
