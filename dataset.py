@@ -245,21 +245,50 @@ class Augment(nn.Module):
     time stretch (rate in [1/s, s], resampled along time with `grid_sample`), circular time
     shift (fraction of the frames), SpecAugment time and frequency masks (count and maximum
     width), and mixup (Beta(alpha, alpha) blend of the batch with a permutation of itself).
-    `forward(x, y)` returns the batch and soft targets (B, num_classes). In eval mode it
-    returns its input with one-hot targets.
+    `forward(x, y)` returns the batch and soft targets (B, num_classes); `y` holds labels (B,)
+    or soft targets from `mix`. In eval mode it returns its input and targets unchanged.
+
+    With `mixup_domain="wave"`, mixup blends the waveforms before the features instead
+    (`mix`, called on the waveform batch), with the gain-aware ratio of between-class learning.
     """
 
     def __init__(self, num_classes: int, db_per_unit: float = 1.0, gain_db=6.0, stretch=1.2, shift=0.5,
-                 time_masks=2, time_mask_frames=20, freq_masks=2, freq_mask_bins=8, mixup_alpha=0.0):
+                 time_masks=2, time_mask_frames=20, freq_masks=2, freq_mask_bins=8, mixup_alpha=0.0,
+                 mixup_domain="logmel"):
         super().__init__()
+        if mixup_domain not in ("logmel", "wave"):
+            raise ValueError(f"mixup_domain {mixup_domain!r}: choose logmel or wave")
         self.num_classes, self.db_per_unit = num_classes, db_per_unit
         self.gain_db, self.stretch, self.shift, self.mixup_alpha = gain_db, stretch, shift, mixup_alpha
+        self.mixup_domain = mixup_domain
         self.masks = nn.Sequential(
             *[torchaudio.transforms.TimeMasking(time_mask_frames, iid_masks=True) for _ in range(time_masks)],
             *[torchaudio.transforms.FrequencyMasking(freq_mask_bins, iid_masks=True) for _ in range(freq_masks)])
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    def _mix_weights(self, b: int, dev) -> tuple:
+        lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample((b,)).to(dev)
+        lam = torch.maximum(lam, 1 - lam)  # the first clip dominates, so its label stays the hard one
+        return lam, torch.randperm(b, device=dev)
+
+    def mix(self, wave: torch.Tensor, y: torch.Tensor) -> tuple:
+        """Between-class mixing of a waveform batch (B, T) (Tokozume et al., ICLR 2018): a blend
+        with a permutation of itself, each clip's loudness (its loudest 64-ms window, unweighted)
+        taken into account so that the mixture sounds lam : 1 - lam; the targets are blended by
+        lam. Returns the batch and soft targets (B, num_classes); a no-op unless training with
+        `mixup_domain="wave"`."""
         target = F.one_hot(y, self.num_classes).float()
+        if not (self.training and self.mixup_domain == "wave" and self.mixup_alpha > 0):
+            return wave, target
+        lam, perm = self._mix_weights(wave.shape[0], wave.device)
+        win = min(1024, wave.shape[-1])
+        frames = wave.float().unfold(-1, win, win // 2)  # (B, windows, win)
+        gain = 10 * frames.pow(2).mean(-1).amax(-1).clamp_min(1e-10).log10()  # dB
+        p = 1 / (1 + 10 ** ((gain - gain[perm]) / 20) * (1 - lam) / lam)
+        wave = (p[:, None] * wave + (1 - p[:, None]) * wave[perm]) / (p ** 2 + (1 - p) ** 2).sqrt()[:, None]
+        return wave, lam[:, None] * target + (1 - lam[:, None]) * target[perm]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        target = y.float() if y.dim() == 2 else F.one_hot(y, self.num_classes).float()
         if not self.training:
             return x, target
         b, dev = x.shape[0], x.device
@@ -277,10 +306,8 @@ class Augment(nn.Module):
             cols = (torch.arange(frames, device=dev)[None, :] - offset[:, None]) % frames  # (B, T)
             x = x.gather(-1, cols[:, None, None, :].expand_as(x))
         x = self.masks(x)
-        if self.mixup_alpha > 0:
-            lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample((b,)).to(dev)
-            lam = torch.maximum(lam, 1 - lam)  # the first clip dominates, so its label stays the hard one
-            perm = torch.randperm(b, device=dev)
+        if self.mixup_alpha > 0 and self.mixup_domain == "logmel":
+            lam, perm = self._mix_weights(b, dev)
             x = lam.view(b, 1, 1, 1) * x + (1 - lam.view(b, 1, 1, 1)) * x[perm]
             target = lam[:, None] * target + (1 - lam[:, None]) * target[perm]
         return x, target

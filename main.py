@@ -68,6 +68,7 @@ class Config:
     freq_masks: int = 2  # SpecAugment frequency masks
     freq_mask_bins: int = 8  # their maximum width, mel bins
     mixup_alpha: float = 0.4  # mixup Beta(alpha, alpha); 0: off (0.2 before: README, "What was tried")
+    mixup_domain: str = "logmel"  # logmel: blend the log-mels; wave: blend the waveforms, gain-aware (BC learning)
     # model and optimisation
     model: str = "resnet18"  # resnet18 or densenet121
     pretrained: bool = False  # start from torchvision's ImageNet weights
@@ -105,7 +106,8 @@ def label_group(cfg: dict) -> int:
     return CLASSES_PER_CATEGORY if cfg["task"] == "coarse" and cfg.get("fine_supervision") else 1
 
 
-CHOICES = {"task": ("coarse", "fine"), "model": tuple(MODELS), "schedule": ("onecycle", "plateau", "constant"),
+CHOICES = {"task": ("coarse", "fine"), "mixup_domain": ("logmel", "wave"), "model": tuple(MODELS),
+           "schedule": ("onecycle", "plateau", "constant"),
            "device": ("auto", "cuda", "mps", "cpu")}
 # fields that may differ between sittings of one run without mixing results
 RUN_CONTROL = ("folds", "cv", "device", "resume", "data_root", "results_dir", "figures_dir", "compile")
@@ -276,7 +278,8 @@ def prepare_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: 
     return dict(
         rows=(tr, va, te), features=features,
         augment=Augment(num_outputs(cfg), features.std.item(), cfg.gain_db, cfg.stretch, cfg.shift, cfg.time_masks,
-                        cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha),
+                        cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha,
+                        cfg.mixup_domain),
         model=build_model(cfg.model, num_outputs(cfg), cfg.pretrained),
         train=make_loader(train_ds, cfg.batch_size, shuffle=True, sampler=sampler, drop_last=True),
         val=make_loader(WaveformDataset(np.asarray(waves[va]), labels[va]), 2 * cfg.batch_size),

@@ -117,7 +117,8 @@ def train_one_epoch(model, features, augment, loader, optimizer, scheduler, devi
     for wave, y in bar:
         wave, y = wave.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.no_grad():
-            x, target = augment(features(wave), y)  # (B, 1, n_mels, frames), (B, num_classes)
+            wave, target = augment.mix(wave, y)  # between-class mixing, when mixup is on the waveforms
+            x, target = augment(features(wave), target)  # (B, 1, n_mels, frames), (B, num_classes)
         x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
             logits = model(x)

@@ -53,7 +53,8 @@ def main(argv=None):
     features = make_features(cfg).to(device)
     features.mean.fill_(-40.0), features.std.fill_(20.0)  # fixed: statistics don't change the cost
     augment = Augment(num_outputs(cfg), 20.0, cfg.gain_db, cfg.stretch, cfg.shift, cfg.time_masks,
-                      cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha).to(device).train()
+                      cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha,
+                      cfg.mixup_domain).to(device).train()
     precisions = ["bf16", "float32"] if cfg.amp and bf16_is_fast(device) else ["float32"]
     models = {}
     for prec in precisions:  # the same initial weights for each precision
@@ -71,7 +72,8 @@ def main(argv=None):
         sync(device)
         t1 = time.perf_counter()
         with torch.no_grad():
-            x, target = augment(features(wave), y)
+            wave, target = augment.mix(wave, y)
+            x, target = augment(features(wave), target)
         x = x.contiguous(memory_format=torch.channels_last)
         sync(device)
         times = {"fetch": t1 - t0, "features + augment": time.perf_counter() - t1}

@@ -139,6 +139,29 @@ def test_augment_changes_training_batches_only():
     assert torch.allclose(tt.sum(1), torch.ones(8)) and (tt.argmax(1) == y).all()  # mixup keeps the own label on top
 
 
+def test_wave_mixing_is_gain_aware():
+    torch.manual_seed(0)
+    wave, y = torch.randn(6, 4000), torch.arange(6) % 5
+    for aug in (Augment(5, mixup_alpha=0.4).train(), Augment(5, mixup_alpha=0.4, mixup_domain="wave").eval()):
+        w, t = aug.mix(wave, y)  # spectrogram mixup, or not training: the waveforms pass unchanged
+        assert torch.equal(w, wave) and torch.equal(t, torch.nn.functional.one_hot(y, 5).float())
+    aug = Augment(5, mixup_alpha=0.4, mixup_domain="wave").train()
+    scale = torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0, 0.5])[:, None]
+    torch.manual_seed(1)
+    w, t = aug.mix(wave, y)
+    torch.manual_seed(1)
+    w_scaled, t_scaled = aug.mix(wave * scale, y)
+    assert not torch.allclose(w, wave) and torch.equal(t, t_scaled)
+    assert torch.allclose(t.sum(1), torch.ones(6)) and (t.argmax(1) == y).all()
+    # the mixture sounds lam : 1 - lam whatever each clip's level: rescaling a clip changes no mixture's shape
+    cos = torch.nn.functional.cosine_similarity(w, w_scaled, dim=1)
+    assert torch.allclose(cos, torch.ones(6), atol=1e-5)
+    assert not torch.allclose(torch.nn.functional.cosine_similarity(w, 0.5 * wave + 0.5 * wave * scale, dim=1),
+                              torch.ones(6), atol=1e-3)
+    x, t2 = aug(torch.randn(6, 1, 32, 63), t)  # the log-mel stage keeps the mixed targets
+    assert torch.equal(t2, t)
+
+
 @pytest.mark.parametrize("piece", ["gain_db", "stretch", "shift", "time_masks", "freq_masks", "mixup_alpha"])
 def test_each_augmentation_piece_switches(piece):
     off = dict(gain_db=0, stretch=1, shift=0, time_masks=0, freq_masks=0, mixup_alpha=0)

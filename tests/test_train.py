@@ -64,8 +64,9 @@ def run(cfg, f, out, **kw):
                group=cfg.group, **kw)
 
 
-def test_short_run_learns_and_checkpoints(esc50, tmp_path):
-    cfg, f = setup(esc50, tmp_path, "--epochs", "8")
+@pytest.mark.parametrize("mixup_domain", ["logmel", "wave"])
+def test_short_run_learns_and_checkpoints(esc50, tmp_path, mixup_domain):
+    cfg, f = setup(esc50, tmp_path, "--epochs", "8", "--mixup-domain", mixup_domain)
     hist = run(cfg, f, tmp_path / "run")
     assert list(hist.columns) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                                   "seconds"]
