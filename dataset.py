@@ -272,7 +272,7 @@ class Augment(nn.Module):
 
     def mix(self, wave: torch.Tensor, y: torch.Tensor) -> tuple:
         """Between-class mixing of a waveform batch (B, T) (Tokozume et al., ICLR 2018): a blend
-        with a permutation of itself, each clip's loudness (its loudest 64-ms window, unweighted)
+        with a permutation of itself, each clip's loudness (its loudest window of 1024 samples, unweighted)
         taken into account so that the mixture sounds lam : 1 - lam; the targets are blended by
         lam. Returns the batch and soft targets (B, num_classes); a no-op unless training with
         `mixup_domain="wave"`."""

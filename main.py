@@ -68,7 +68,7 @@ class Config:
     freq_masks: int = 2  # SpecAugment frequency masks
     freq_mask_bins: int = 8  # their maximum width, mel bins
     mixup_alpha: float = 0.4  # mixup Beta(alpha, alpha); 0: off (0.2 before: README, "What was tried")
-    mixup_domain: str = "logmel"  # logmel: blend the log-mels; wave: blend the waveforms, gain-aware (BC learning)
+    mixup_domain: str = "wave"  # wave: blend the waveforms, gain-aware (BC learning); logmel: the log-mels (README)
     # model and optimisation
     model: str = "resnet18"  # resnet18 or densenet121
     pretrained: bool = False  # start from torchvision's ImageNet weights
