@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from download import CATEGORIES, CLASSES, CLASSES_PER_CATEGORY, find_clip
+from train import atomic_write
 
 CACHE_VERSION = 1  # bump when the cache format changes
 
@@ -98,11 +98,14 @@ def load_waveforms(data_dir, sample_rate: int = 16000, cache_dir=None, meta=None
                                   unit="clip", leave=False)):
         waves[i] = fit_length(read_audio(find_clip(data_dir / "audio", name), sample_rate), n).numpy()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:  # np.save on a path would append .npy to the temporary name
-        np.save(f, waves)
-    os.replace(tmp, path)
-    key_path.write_text(json.dumps({"key": key, "sample_rate": sample_rate, "clips": len(meta)}))
+
+    def save(tmp):
+        with open(tmp, "wb") as f:  # np.save on a path would append .npy to the temporary name
+            np.save(f, waves)
+
+    atomic_write(path, save)
+    atomic_write(key_path, lambda tmp: tmp.write_text(
+        json.dumps({"key": key, "sample_rate": sample_rate, "clips": len(meta)})))
     print(f"cached {len(meta)} clips at {sample_rate} Hz in {time.time() - t0:.0f} s -> {path}")
     return np.load(path, mmap_mode="r")
 
