@@ -67,7 +67,7 @@ class Config:
     time_mask_frames: int = 25  # their maximum width, frames
     freq_masks: int = 2  # SpecAugment frequency masks
     freq_mask_bins: int = 8  # their maximum width, mel bins
-    mixup_alpha: float = 0.4  # mixup Beta(alpha, alpha); 0: off (0.2 before: README, "What was tried")
+    mixup_alpha: float = 1.0  # mixup Beta(alpha, alpha); 0: off (0.4, 0.2 before: README, "What was tried")
     mixup_domain: str = "wave"  # wave: blend the waveforms, gain-aware (BC learning); logmel: the log-mels (README)
     # model and optimisation
     model: str = "resnet18"  # resnet18 or densenet121
