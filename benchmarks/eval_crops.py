@@ -24,9 +24,10 @@ from train import evaluate
 
 
 def probabilities(p: Predictor, waves: np.ndarray, labels) -> np.ndarray:
-    """Task-label probabilities (N, C), through the same evaluation main.py uses."""
-    loader = make_loader(WaveformDataset(waves, labels), 64)
-    return evaluate(p.model, p.features, loader, p.device, group=p.group)["probs"]
+    """Task-label probabilities (N, C), through the same evaluation main.py uses: its batch size and
+    precision (bf16 results depend on both)."""
+    loader = make_loader(WaveformDataset(waves, labels), 2 * p.cfg["batch_size"])
+    return evaluate(p.model, p.features, loader, p.device, group=p.group, amp=p.cfg.get("amp", True))["probs"]
 
 
 def main(argv=None):
