@@ -81,6 +81,7 @@ class Config:
     warmup: float = 0.1  # onecycle: fraction of the steps spent warming up
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     clip_grad_norm: float = 0.0  # gradient norm clipping; 0: off
+    ema_decay: float = 0.0  # validate and keep an EMA of the weights, this decay per step (0.995: ~200 steps); 0: off
     # system
     seed: int = 0  # random seed (each fold adds its number)
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
@@ -131,6 +132,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.f_max == 0 or cfg.f_min < cfg.f_max, "f_min", "must be below f_max")
     need(0 <= cfg.warmup < 1, "warmup", "must be in [0, 1)")
     need(cfg.label_smoothing < 1, "label_smoothing", "must be below 1")
+    need(0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1) (0: off)")
     need(cfg.freq_mask_bins < cfg.n_mels, "freq_mask_bins", "must be below n_mels")
     try:
         folds = cfg.fold_list

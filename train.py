@@ -108,9 +108,10 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def train_one_epoch(model, features, augment, loader, optimizer, scheduler, device, *, group=1, amp=True,
-                    label_smoothing=0.0, clip_grad_norm=0.0, desc="train") -> dict:
+                    label_smoothing=0.0, clip_grad_norm=0.0, ema=None, desc="train") -> dict:
     """One pass over `loader` (batches of waveforms and model labels); returns mean loss and
-    accuracy (on task labels, against each clip's own label even when mixup blends it)."""
+    accuracy (on task labels, against each clip's own label even when mixup blends it). `ema`, an
+    `AveragedModel`, is updated after every optimizer step."""
     model.train(), augment.train()
     total_loss = correct = seen = 0
     bar = tqdm(loader, desc=desc, leave=False, disable=None if is_main_process() else True, dynamic_ncols=True)
@@ -130,6 +131,8 @@ def train_one_epoch(model, features, augment, loader, optimizer, scheduler, devi
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) // group == y // group).sum().item()
         seen += len(y)
@@ -195,6 +198,10 @@ def fit(model, features, augment, train_loader, val_loader, cfg, out_dir, device
     """Train for up to `cfg.epochs` epochs with early stopping on validation accuracy (ties go to
     the lower validation loss) after `cfg.patience` epochs without improvement.
 
+    With `cfg.ema_decay` > 0 an exponential moving average of the weights (and BatchNorm
+    statistics), updated every step, is what is validated and saved as `model`; the trained
+    weights travel in `ema` for resuming.
+
     Writes to `out_dir`: `last.pt` every epoch, `best.pt` when validation improves (model,
     LogMel, optimizer, scheduler, epoch, early-stopping state, history, RNG states, config and
     `extra`), and `history.csv`. With `resume` and a `last.pt` in `out_dir`, continues where it
@@ -214,11 +221,20 @@ def fit(model, features, augment, train_loader, val_loader, cfg, out_dir, device
     optimizer, scheduler = make_optimizer(model, cfg, len(train_loader))
     per_batch = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
     state = {"epoch": 0, "best_score": None, "bad_epochs": 0, "history": []}
+    ema = None
+    if getattr(cfg, "ema_decay", 0.0) > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    scored = ema.module if ema is not None else model  # the weights validated and saved
 
     last = out_dir / "last.pt"
     if resume and last.exists():
         ck = load_checkpoint(last, device)
-        model.load_state_dict(ck["model"])
+        if ema is not None:
+            model.load_state_dict(ck["ema"]["trained"])
+            ema.load_state_dict(ck["ema"]["average"])
+        else:
+            model.load_state_dict(ck["model"])
         features.load_state_dict(ck["features"])
         optimizer.load_state_dict(ck["optimizer"])
         if scheduler is not None:
@@ -229,7 +245,8 @@ def fit(model, features, augment, train_loader, val_loader, cfg, out_dir, device
             print(f"resuming from {last} after epoch {state['epoch']}")
 
     def checkpoint() -> dict:
-        return {"model": model.state_dict(), "features": features.state_dict(), "optimizer": optimizer.state_dict(),
+        averaged = {"ema": {"trained": model.state_dict(), "average": ema.state_dict()}} if ema is not None else {}
+        return {"model": scored.state_dict(), **averaged, "features": features.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None, **state,
                 "rng": rng_states(), "config": config, **(extra or {})}
 
@@ -243,8 +260,8 @@ def fit(model, features, augment, train_loader, val_loader, cfg, out_dir, device
             lr = optimizer.param_groups[0]["lr"]
             tr = train_one_epoch(net, features, augment, train_loader, optimizer, scheduler if per_batch else None,
                                  device, group=group, amp=cfg.amp, label_smoothing=cfg.label_smoothing,
-                                 clip_grad_norm=cfg.clip_grad_norm, desc=f"epoch {epoch}/{cfg.epochs}")
-            va = evaluate(model, features, val_loader, device, group=group, amp=cfg.amp)
+                                 clip_grad_norm=cfg.clip_grad_norm, ema=ema, desc=f"epoch {epoch}/{cfg.epochs}")
+            va = evaluate(scored, features, val_loader, device, group=group, amp=cfg.amp)
             if scheduler is not None and not per_batch:
                 scheduler.step(va["accuracy"])
             row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],

@@ -120,8 +120,10 @@ def test_lr_schedules():
     assert sched is None
 
 
-def test_resume_reproduces_an_uninterrupted_run(esc50, tmp_path, monkeypatch, capsys):
-    cfg, f = setup(esc50, tmp_path, "--epochs", "4", "--mixup-alpha", "0.4")
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_resume_reproduces_an_uninterrupted_run(esc50, tmp_path, monkeypatch, capsys, ema):
+    args = ("--epochs", "4", "--mixup-alpha", "0.4", "--ema-decay", ema)
+    cfg, f = setup(esc50, tmp_path, *args)
     full = run(cfg, f, tmp_path / "full")
 
     real = train.train_one_epoch
@@ -133,16 +135,31 @@ def test_resume_reproduces_an_uninterrupted_run(esc50, tmp_path, monkeypatch, ca
             raise KeyboardInterrupt
         return real(*a, **k)
     monkeypatch.setattr(train, "train_one_epoch", interrupt_third_epoch)
-    cfg, f = setup(esc50, tmp_path, "--epochs", "4", "--mixup-alpha", "0.4")
+    cfg, f = setup(esc50, tmp_path, *args)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, f, tmp_path / "cut")
     assert "Run the same command again to resume" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
     monkeypatch.setattr(train, "train_one_epoch", real)
-    cfg, f = setup(esc50, tmp_path, "--epochs", "4", "--mixup-alpha", "0.4")  # a fresh process would rebuild all
+    cfg, f = setup(esc50, tmp_path, *args)  # a fresh process would rebuild all
     resumed = run(cfg, f, tmp_path / "cut")
     cols = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
     pd.testing.assert_frame_equal(resumed[cols], full[cols])
+
+
+def test_ema_weights_are_validated_and_saved(esc50, tmp_path):
+    cfg, f = setup(esc50, tmp_path, "--epochs", "3", "--ema-decay", "0.9")
+    hist = run(cfg, f, tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    trained, average = last["ema"]["trained"], last["model"]
+    assert not torch.equal(trained["fc.weight"], average["fc.weight"])
+    assert not torch.equal(trained["bn1.running_mean"], average["bn1.running_mean"])  # BatchNorm statistics too
+    f["model"].load_state_dict(average)
+    m = evaluate(f["model"], f["features"], f["val"], torch.device("cpu"), group=cfg.group, amp=cfg.amp)
+    assert m["accuracy"] == hist["val_accuracy"].iloc[-1] and m["loss"] == pytest.approx(hist["val_loss"].iloc[-1])
+    f["model"].load_state_dict(trained)
+    m = evaluate(f["model"], f["features"], f["val"], torch.device("cpu"), group=cfg.group, amp=cfg.amp)
+    assert m["loss"] != pytest.approx(hist["val_loss"].iloc[-1])
 
 
 def test_torchrun_two_processes_write_one_set_of_files(esc50, tmp_path):
