@@ -18,8 +18,11 @@ def esc50(tmp_path_factory):
 
 def tiny_args(tmp_path, esc50, *extra) -> list:
     """Command-line arguments of a run small enough for the tests: 32 mel bins at 8 kHz, float32
-    (bf16 autocast on an AMX CPU is slower than float32 at these tiny shapes; test_train covers it)."""
+    (bf16 autocast on an AMX CPU is slower than float32 at these tiny shapes; test_train covers it),
+    a weight average over ~10 steps (about an epoch of these runs; the default's 200 steps would
+    outlast them)."""
     return ["--data-root", str(esc50.parent), "--results-dir", str(tmp_path / "results"),
             "--figures-dir", str(tmp_path / "figures"), "--sample-rate", "8000", "--n-fft", "256",
             "--hop-length", "64", "--n-mels", "32", "--crop-seconds", "0.5", "--batch-size", "16",
-            "--time-mask-frames", "8", "--freq-mask-bins", "4", "--device", "cpu", "--no-amp", *extra]
+            "--time-mask-frames", "8", "--freq-mask-bins", "4", "--ema-decay", "0.9", "--device", "cpu", "--no-amp",
+            *extra]
