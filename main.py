@@ -81,7 +81,7 @@ class Config:
     warmup: float = 0.1  # onecycle: fraction of the steps spent warming up
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     clip_grad_norm: float = 0.0  # gradient norm clipping; 0: off
-    ema_decay: float = 0.995  # validate and keep an EMA of the weights, this decay per step (~200 steps); 0: off (README)
+    ema_decay: float = 0.995  # validate and save an EMA of the weights, decay per step (~200 steps); 0: off (README)
     # system
     seed: int = 0  # random seed (each fold adds its number)
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu

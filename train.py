@@ -246,7 +246,8 @@ def fit(model, features, augment, train_loader, val_loader, cfg, out_dir, device
 
     def checkpoint() -> dict:
         averaged = {"ema": {"trained": model.state_dict(), "average": ema.state_dict()}} if ema is not None else {}
-        return {"model": scored.state_dict(), **averaged, "features": features.state_dict(), "optimizer": optimizer.state_dict(),
+        return {"model": scored.state_dict(), **averaged, "features": features.state_dict(),
+                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None, **state,
                 "rng": rng_states(), "config": config, **(extra or {})}
 
