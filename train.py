@@ -200,7 +200,7 @@ def fit(model, features, augment, train_loader, val_loader, cfg, out_dir, device
 
     With `cfg.ema_decay` > 0 an exponential moving average of the weights (and BatchNorm
     statistics), updated every step, is what is validated and saved as `model`; the trained
-    weights travel in `ema` for resuming.
+    weights and the update count travel in `ema` for resuming.
 
     Writes to `out_dir`: `last.pt` every epoch, `best.pt` when validation improves (model,
     LogMel, optimizer, scheduler, epoch, early-stopping state, history, RNG states, config and
@@ -230,11 +230,10 @@ def fit(model, features, augment, train_loader, val_loader, cfg, out_dir, device
     last = out_dir / "last.pt"
     if resume and last.exists():
         ck = load_checkpoint(last, device)
+        scored.load_state_dict(ck["model"])
         if ema is not None:
             model.load_state_dict(ck["ema"]["trained"])
-            ema.load_state_dict(ck["ema"]["average"])
-        else:
-            model.load_state_dict(ck["model"])
+            ema.n_averaged.fill_(ck["ema"]["updates"])
         features.load_state_dict(ck["features"])
         optimizer.load_state_dict(ck["optimizer"])
         if scheduler is not None:
@@ -245,7 +244,7 @@ def fit(model, features, augment, train_loader, val_loader, cfg, out_dir, device
             print(f"resuming from {last} after epoch {state['epoch']}")
 
     def checkpoint() -> dict:
-        averaged = {"ema": {"trained": model.state_dict(), "average": ema.state_dict()}} if ema is not None else {}
+        averaged = {"ema": {"trained": model.state_dict(), "updates": ema.n_averaged.item()}} if ema is not None else {}
         return {"model": scored.state_dict(), **averaged, "features": features.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None, **state,
