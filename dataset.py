@@ -245,7 +245,9 @@ class Augment(nn.Module):
     """Training-time augmentation of a normalised log-mel batch (B, 1, F, T), on its device.
 
     Each piece is off when its strength is 0: gain (+-dB, a shift of the whole log-mel),
-    time stretch (rate in [1/s, s], resampled along time with `grid_sample`), circular time
+    time stretch (rate in [1/s, s], resampled along time with `grid_sample`), pitch shift (up to
+    +-`pitch` semitones: each mel bin reads the frequency 2^(-semitones/12) times its own, on the
+    HTK mel scale of `mel_range`, in the same `grid_sample`), circular time
     shift (fraction of the frames), SpecAugment time and frequency masks (count and maximum
     width), and mixup (Beta(alpha, alpha) blend of the batch with a permutation of itself).
     `forward(x, y)` returns the batch and soft targets (B, num_classes); `y` holds labels (B,)
@@ -257,16 +259,29 @@ class Augment(nn.Module):
 
     def __init__(self, num_classes: int, db_per_unit: float = 1.0, gain_db=6.0, stretch=1.2, shift=0.5,
                  time_masks=2, time_mask_frames=20, freq_masks=2, freq_mask_bins=8, mixup_alpha=0.0,
-                 mixup_domain="logmel"):
+                 mixup_domain="logmel", pitch=0.0, mel_range=(0.0, 8000.0)):
         super().__init__()
         if mixup_domain not in ("logmel", "wave"):
             raise ValueError(f"mixup_domain {mixup_domain!r}: choose logmel or wave")
         self.num_classes, self.db_per_unit = num_classes, db_per_unit
         self.gain_db, self.stretch, self.shift, self.mixup_alpha = gain_db, stretch, shift, mixup_alpha
-        self.mixup_domain = mixup_domain
+        self.mixup_domain, self.pitch, self.mel_range = mixup_domain, pitch, mel_range
         self.masks = nn.Sequential(
             *[torchaudio.transforms.TimeMasking(time_mask_frames, iid_masks=True) for _ in range(time_masks)],
             *[torchaudio.transforms.FrequencyMasking(freq_mask_bins, iid_masks=True) for _ in range(freq_masks)])
+
+    def _pitch_rows(self, b: int, f: int, dev) -> torch.Tensor:
+        """Source row of each output mel bin, (B, F) in grid_sample's [-1, 1], for a random pitch shift."""
+        k = torch.arange(f, device=dev, dtype=torch.float32)
+        if not self.pitch:
+            return (torch.linspace(-1, 1, f, device=dev) * (f - 1) / f).expand(b, f)
+        mel = lambda hz: 2595 * torch.log10(1 + hz / 700)  # noqa: E731  (torchaudio's default, HTK)
+        lo, hi = (mel(torch.tensor(float(hz), device=dev)) for hz in self.mel_range)
+        step = (hi - lo) / (f + 1)  # bin k is centred at mel lo + (k + 1) * step
+        centre_hz = 700 * (10 ** ((lo + (k + 1) * step) / 2595) - 1)
+        ratio = 2 ** ((torch.rand(b, 1, device=dev) * 2 - 1) * self.pitch / 12)  # > 1 raises the pitch
+        src = (mel(centre_hz / ratio) - lo) / step - 1  # fractional source bin
+        return (2 * src + 1) / f - 1
 
     def _mix_weights(self, b: int, dev) -> tuple:
         lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample((b,)).to(dev)
@@ -297,11 +312,13 @@ class Augment(nn.Module):
         b, dev = x.shape[0], x.device
         if self.gain_db:
             x = x + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.gain_db / self.db_per_unit
-        if self.stretch > 1:
-            rate = self.stretch ** (torch.rand(b, device=dev) * 2 - 1)  # > 1 speeds up
-            theta = torch.zeros(b, 2, 3, device=dev)
-            theta[:, 0, 0], theta[:, 1, 1] = rate, 1.0
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        if self.stretch > 1 or self.pitch:
+            f, t = x.shape[-2:]
+            cols = torch.linspace(-1, 1, t, device=dev) * (t - 1) / t  # pixel centres, as F.affine_grid
+            if self.stretch > 1:
+                cols = self.stretch ** (torch.rand(b, 1, device=dev) * 2 - 1) * cols  # rate > 1 speeds up
+            grid = torch.stack(torch.broadcast_tensors(cols.expand(b, t)[:, None, :],
+                                                       self._pitch_rows(b, f, dev)[:, :, None]), -1)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         if self.shift:
             frames = x.shape[-1]

@@ -62,6 +62,7 @@ class Config:
     # augmentation (training only; 0 switches a piece off)
     gain_db: float = 6.0  # random gain in [-gain_db, +gain_db] dB
     stretch: float = 1.2  # time stretch by a factor in [1/stretch, stretch]
+    pitch: float = 0.0  # pitch shift by up to +-pitch semitones (a warp of the mel axis)
     shift: float = 0.0  # circular time shift by up to this fraction of the frames
     time_masks: int = 2  # SpecAugment time masks
     time_mask_frames: int = 25  # their maximum width, frames
@@ -122,7 +123,7 @@ def validate(cfg: Config) -> Config:
     for f in ("sample_rate", "n_fft", "hop_length", "n_mels", "epochs", "patience", "batch_size", "lr",
               "crop_seconds"):
         need(getattr(cfg, f) > 0, f, "must be positive")
-    for f in ("gain_db", "shift", "time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins",
+    for f in ("gain_db", "pitch", "shift", "time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins",
               "mixup_alpha", "weight_decay", "label_smoothing", "clip_grad_norm", "f_min", "f_max"):
         need(getattr(cfg, f) >= 0, f, "must be >= 0")
     need(cfg.stretch >= 1, "stretch", "must be >= 1 (1: off)")
@@ -281,7 +282,7 @@ def prepare_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: 
         rows=(tr, va, te), features=features,
         augment=Augment(num_outputs(cfg), features.std.item(), cfg.gain_db, cfg.stretch, cfg.shift, cfg.time_masks,
                         cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha,
-                        cfg.mixup_domain),
+                        cfg.mixup_domain, cfg.pitch, (cfg.f_min, cfg.f_max or cfg.sample_rate / 2)),
         model=build_model(cfg.model, num_outputs(cfg), cfg.pretrained),
         train=make_loader(train_ds, cfg.batch_size, shuffle=True, sampler=sampler, drop_last=True),
         val=make_loader(WaveformDataset(np.asarray(waves[va]), labels[va]), 2 * cfg.batch_size),

@@ -54,7 +54,7 @@ def main(argv=None):
     features.mean.fill_(-40.0), features.std.fill_(20.0)  # fixed: statistics don't change the cost
     augment = Augment(num_outputs(cfg), 20.0, cfg.gain_db, cfg.stretch, cfg.shift, cfg.time_masks,
                       cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha,
-                      cfg.mixup_domain).to(device).train()
+                      cfg.mixup_domain, cfg.pitch, (cfg.f_min, cfg.f_max or cfg.sample_rate / 2)).to(device).train()
     precisions = ["bf16", "float32"] if cfg.amp and bf16_is_fast(device) else ["float32"]
     models = {}
     for prec in precisions:  # the same initial weights for each precision

@@ -162,13 +162,29 @@ def test_wave_mixing_is_gain_aware():
     assert torch.equal(t2, t)
 
 
-@pytest.mark.parametrize("piece", ["gain_db", "stretch", "shift", "time_masks", "freq_masks", "mixup_alpha"])
+@pytest.mark.parametrize("piece", ["gain_db", "stretch", "pitch", "shift", "time_masks", "freq_masks", "mixup_alpha"])
 def test_each_augmentation_piece_switches(piece):
-    off = dict(gain_db=0, stretch=1, shift=0, time_masks=0, freq_masks=0, mixup_alpha=0)
+    off = dict(gain_db=0, stretch=1, pitch=0, shift=0, time_masks=0, freq_masks=0, mixup_alpha=0)
     x, y = torch.randn(8, 1, 32, 63), torch.arange(8) % 5
     aug = Augment(5, **off).train()
     assert torch.equal(aug(x, y)[0], x)  # everything off: identity even in training
-    on = {"gain_db": 6.0, "stretch": 1.3, "shift": 0.5, "time_masks": 2, "freq_masks": 2, "mixup_alpha": 0.4}
+    on = {"gain_db": 6.0, "stretch": 1.3, "pitch": 2.0, "shift": 0.5, "time_masks": 2, "freq_masks": 2, "mixup_alpha": 0.4}
     torch.manual_seed(1)
     aug = Augment(5, **{**off, piece: on[piece]}).train()
     assert not torch.allclose(aug(x, y)[0], x)
+
+
+def test_pitch_shift_moves_a_tone_to_its_shifted_frequency():
+    """The warped log-mel of a tone peaks in the bin of the tone played 2^(s/12) times higher."""
+    lm, t = LogMel(16000, 1024, 160, 64), torch.arange(16000) / 16000
+    aug = Augment(5, gain_db=0, stretch=1, shift=0, time_masks=0, freq_masks=0, pitch=4.0,
+                  mel_range=(0.0, 8000.0)).train()
+    peak = lambda x: x.mean(-1)[:, 0].argmax(-1)  # noqa: E731
+    for f0 in (300.0, 1000.0, 3000.0):
+        torch.manual_seed(3)
+        shifted, _ = aug(lm(torch.sin(2 * torch.pi * f0 * t).repeat(6, 1)), torch.zeros(6, dtype=torch.long))
+        torch.manual_seed(3)
+        semitones = (torch.rand(6, 1) * 2 - 1) * 4.0  # the shifts the augmentation drew
+        played = lm(torch.sin(2 * torch.pi * f0 * 2 ** (semitones / 12) * t))
+        assert (peak(shifted) - peak(played)).abs().max() <= 1
+        assert len(set(peak(shifted).tolist())) > 1  # the shifts differ per clip
