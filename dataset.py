@@ -272,9 +272,9 @@ class Augment(nn.Module):
 
     def _pitch_rows(self, b: int, f: int, dev) -> torch.Tensor:
         """Source row of each output mel bin, (B, F) in grid_sample's [-1, 1], for a random pitch shift."""
-        k = torch.arange(f, device=dev, dtype=torch.float32)
         if not self.pitch:
             return (torch.linspace(-1, 1, f, device=dev) * (f - 1) / f).expand(b, f)
+        k = torch.arange(f, device=dev, dtype=torch.float32)
         mel = lambda hz: 2595 * torch.log10(1 + hz / 700)  # noqa: E731  (torchaudio's default, HTK)
         lo, hi = (mel(torch.tensor(float(hz), device=dev)) for hz in self.mel_range)
         step = (hi - lo) / (f + 1)  # bin k is centred at mel lo + (k + 1) * step

@@ -62,7 +62,7 @@ class Config:
     # augmentation (training only; 0 switches a piece off)
     gain_db: float = 6.0  # random gain in [-gain_db, +gain_db] dB
     stretch: float = 1.2  # time stretch by a factor in [1/stretch, stretch]
-    pitch: float = 0.0  # pitch shift by up to +-pitch semitones (a warp of the mel axis)
+    pitch: float = 3.0  # pitch shift by up to +-pitch semitones, a warp of the mel axis (0 before: README)
     shift: float = 0.0  # circular time shift by up to this fraction of the frames
     time_masks: int = 2  # SpecAugment time masks
     time_mask_frames: int = 25  # their maximum width, frames
