@@ -257,6 +257,13 @@ def make_features(cfg) -> LogMel:
     return LogMel(c["sample_rate"], c["n_fft"], c["hop_length"], c["n_mels"], c["f_min"], c["f_max"] or None)
 
 
+def make_augment(cfg: Config, features: LogMel) -> Augment:
+    """The Augment of a config, its gain in the units of `features` (normalised dB)."""
+    return Augment(num_outputs(cfg), features.std.item(), cfg.gain_db, cfg.stretch, cfg.shift, cfg.time_masks,
+                   cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha, cfg.mixup_domain,
+                   cfg.pitch, (cfg.f_min, cfg.f_max or cfg.sample_rate / 2))
+
+
 def num_outputs(cfg: Config) -> int:
     return len(class_names(cfg.task)) * cfg.group
 
@@ -280,9 +287,7 @@ def prepare_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: 
     features.fit_stats(make_loader(WaveformDataset(train_waves, train_labels[tr]), 2 * cfg.batch_size))
     return dict(
         rows=(tr, va, te), features=features,
-        augment=Augment(num_outputs(cfg), features.std.item(), cfg.gain_db, cfg.stretch, cfg.shift, cfg.time_masks,
-                        cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha,
-                        cfg.mixup_domain, cfg.pitch, (cfg.f_min, cfg.f_max or cfg.sample_rate / 2)),
+        augment=make_augment(cfg, features),
         model=build_model(cfg.model, num_outputs(cfg), cfg.pretrained),
         train=make_loader(train_ds, cfg.batch_size, shuffle=True, sampler=sampler, drop_last=True),
         val=make_loader(WaveformDataset(np.asarray(waves[va]), labels[va]), 2 * cfg.batch_size),

@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from dataset import Augment, WaveformDataset, load_meta, load_waveforms, make_loader, splits
-from main import Config, make_features, num_outputs, resolve_device
+from dataset import WaveformDataset, load_meta, load_waveforms, make_loader, splits
+from main import Config, make_augment, make_features, num_outputs, resolve_device
 from model import build_model
 from train import _autocast, bf16_is_fast, make_optimizer
 
@@ -52,9 +52,7 @@ def main(argv=None):
     evalset = make_loader(WaveformDataset(waves, labels), 2 * cfg.batch_size)
     features = make_features(cfg).to(device)
     features.mean.fill_(-40.0), features.std.fill_(20.0)  # fixed: statistics don't change the cost
-    augment = Augment(num_outputs(cfg), 20.0, cfg.gain_db, cfg.stretch, cfg.shift, cfg.time_masks,
-                      cfg.time_mask_frames, cfg.freq_masks, cfg.freq_mask_bins, cfg.mixup_alpha,
-                      cfg.mixup_domain, cfg.pitch, (cfg.f_min, cfg.f_max or cfg.sample_rate / 2)).to(device).train()
+    augment = make_augment(cfg, features).to(device).train()
     precisions = ["bf16", "float32"] if cfg.amp and bf16_is_fast(device) else ["float32"]
     models = {}
     for prec in precisions:  # the same initial weights for each precision
