@@ -278,9 +278,10 @@ def fit(model, features, augment, train_loader, val_loader, cfg, out_dir, device
                     atomic_save(ck, out_dir / "best.pt")
                 atomic_save(ck, last)
                 atomic_csv(pd.DataFrame(state["history"]), out_dir / "history.csv", index=False)
+                left = (cfg.epochs - epoch) * np.mean([r["seconds"] for r in state["history"]]) / 60
                 print(f"epoch {epoch:3d}  train loss {tr['loss']:.3f} acc {tr['accuracy']:.3f}  "
                       f"val loss {va['loss']:.3f} acc {va['accuracy']:.3f}  lr {lr:.2e}  "
-                      f"{row['seconds']:.0f} s{'  *' if improved else ''}", flush=True)
+                      f"{row['seconds']:.0f} s (at most {left:.0f} min left){'  *' if improved else ''}", flush=True)
     except KeyboardInterrupt:
         if is_main_process():
             print(f"\ninterrupted in epoch {epoch}; {last} holds epoch {state['epoch']}. "
