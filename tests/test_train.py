@@ -95,12 +95,14 @@ def test_bf16_autocast_on_cpus_where_it_is_fast(esc50, tmp_path):
     assert hist["val_accuracy"].max() >= 0.6  # chance is 0.2
 
 
-def test_early_stopping_stops_when_validation_stalls(esc50, tmp_path):
+def test_early_stopping_stops_when_validation_stalls(esc50, tmp_path, capsys):
     # no weight average: its BatchNorm statistics would still drift towards the trained model's
     cfg, f = setup(esc50, tmp_path, "--epochs", "20", "--patience", "2", "--schedule", "constant", "--lr", "1e-9",
                    "--ema-decay", "0")
     hist = run(cfg, f, tmp_path / "run")
     assert len(hist) == 3  # epoch 1 sets the best, 2 and 3 do not beat it
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 3 and all("min left)" in line for line in lines)  # the time-to-go estimate
 
 
 def test_lr_schedules():
