@@ -356,7 +356,7 @@ def cv_summary(run_dir: Path) -> pd.DataFrame | None:
     df = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
     df["test_fold"] = df["test_fold"].astype(str)
     num = df.drop(columns="test_fold")
-    stats = pd.DataFrame([num.mean(), num.std()]).assign(test_fold=["mean", "std"])
+    stats = pd.DataFrame([num.mean(), num.std()]).round(4).assign(test_fold=["mean", "std"])
     return pd.concat([df, stats], ignore_index=True)
 
 
@@ -552,7 +552,7 @@ def main(argv=None) -> int:
     write_run_json(record, t0, run_dir / "run.json", folds_run=[k for k in results],
                    cv_summary_written=summary is not None)
     if summary is not None:
-        atomic_csv(summary, run_dir / "cv_summary.csv", index=False, float_format="%.4f")
+        atomic_csv(summary, run_dir / "cv_summary.csv", index=False, float_format="%.5g")
         cv_figure(cfg, summary, fig_dir)
     print(f"\n{cfg.run_name}: {cfg.task} task ({len(class_names(cfg.task))} classes), {time.time() - t0:.0f} s")
     for k, r in results.items():

@@ -103,6 +103,7 @@ def test_cv_writes_a_summary_of_five_folds(esc50, tmp_path, capsys):
     summary = pd.read_csv(res / "cv_summary.csv")
     assert summary["test_fold"].astype(str).tolist() == ["1", "2", "3", "4", "5", "mean", "std"]
     assert summary["accuracy"].iloc[5] == pytest.approx(summary["accuracy"].iloc[:5].mean(), abs=1e-4)
+    assert (res / "cv_summary.csv").read_text().splitlines()[1].startswith("1,1,1,")  # epochs stay integers
     assert (tmp_path / "figures" / "resnet18_fine" / "resnet18_cv_accuracy.png").exists()
     preds = pd.read_csv(res / "fold3" / "predictions.csv")
     assert preds.shape[1] == 4 + 50 and set(preds["fold"]) == {3}
