@@ -552,7 +552,7 @@ def main(argv=None) -> int:
     write_run_json(record, t0, run_dir / "run.json", folds_run=[k for k in results],
                    cv_summary_written=summary is not None)
     if summary is not None:
-        atomic_csv(summary, run_dir / "cv_summary.csv", index=False, float_format="%.5g")
+        atomic_csv(summary, run_dir / "cv_summary.csv", index=False, float_format="%.10g")
         cv_figure(cfg, summary, fig_dir)
     print(f"\n{cfg.run_name}: {cfg.task} task ({len(class_names(cfg.task))} classes), {time.time() - t0:.0f} s")
     for k, r in results.items():
