@@ -177,18 +177,20 @@ class WaveformDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitems__(self, idx: list) -> tuple:
+        """Waveforms (B, T) in the array's dtype (float16 from the cache: the training loop converts
+        them on its device, where it costs nothing) and labels (B,)."""
         idx = np.asarray(idx)
-        x = self.waves[idx]  # (B, T)
-        if self.crop is not None:
+        if self.crop is None:
+            x = self.waves[idx]
+        else:
+            last = self.waves.shape[1] - self.crop
             if self.allowed is None:
-                start = torch.randint(0, x.shape[1] - self.crop + 1, (len(idx),))
+                start = torch.randint(0, last + 1, (len(idx),))
             else:
                 block = torch.multinomial(self.allowed[idx].float(), 1)[:, 0]
-                start = block * self.block + torch.randint(0, self.block, (len(idx),))
-                start = start.clamp_max(x.shape[1] - self.crop)
-            start = start.numpy()
-            x = x[np.arange(len(idx))[:, None], start[:, None] + np.arange(self.crop)]
-        return torch.from_numpy(np.asarray(x, dtype=np.float32)), self.labels[idx]  # (B, T), (B,)
+                start = (block * self.block + torch.randint(0, self.block, (len(idx),))).clamp_max(last)
+            x = np.stack([self.waves[i, s:s + self.crop] for i, s in zip(idx, start.tolist())])  # the crops alone
+        return torch.from_numpy(np.ascontiguousarray(x)), self.labels[idx]
 
     def __getitem__(self, i):
         x, y = self.__getitems__([i])

@@ -116,7 +116,7 @@ def train_one_epoch(model, features, augment, loader, optimizer, scheduler, devi
     total_loss = correct = seen = 0
     bar = tqdm(loader, desc=desc, leave=False, disable=None if is_main_process() else True, dynamic_ncols=True)
     for wave, y in bar:
-        wave, y = wave.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        wave, y = wave.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
         with torch.no_grad():
             wave, target = augment.mix(wave, y)  # between-class mixing, when mixup is on the waveforms
             x, target = augment(features(wave), target)  # (B, 1, n_mels, frames), (B, num_classes)

@@ -24,6 +24,12 @@ from model import build_model
 from train import _autocast, bf16_is_fast, make_optimizer
 
 
+def cycle(loader):
+    """Batches of `loader` without end (a new epoch whenever one runs out)."""
+    while True:
+        yield from loader
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -62,11 +68,11 @@ def main(argv=None):
     t = {"fetch": [], "features + augment": []}
     for prec in precisions:
         t[f"forward + backward + step, {prec}"], t[f"evaluation, {prec}"] = [], []
-    it, eval_it = iter(train), iter(evalset)
+    it, eval_it = cycle(train), cycle(evalset)
     for i in range(args.batches + 2):
         t0 = time.perf_counter()
         wave, y = next(it)
-        wave, y = wave.to(device), y.to(device)
+        wave, y = wave.to(device).float(), y.to(device)
         sync(device)
         t1 = time.perf_counter()
         with torch.no_grad():

@@ -43,7 +43,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             x, _ = ds.__getitems__(list(idx))
             ms[k].append(1000 * (time.perf_counter() - t0))
-            share[k].append((x.numpy() ** 2).sum(1) / np.maximum(energy[idx], 1e-12))
+            share[k].append((x.float().numpy() ** 2).sum(1) / np.maximum(energy[idx], 1e-12))
     print(f"{len(waves)} training clips (test fold {args.test_fold}), {cfg.crop_seconds} s crops, "
           f"{len(order) * batch} crops per setting, batches of {batch}")
     rows = meta.iloc[tr]["category"].to_numpy()[order.ravel()]

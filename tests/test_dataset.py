@@ -80,13 +80,14 @@ def test_dataset_batches_equal_items_and_crop(esc50, meta):
     waves = load_waveforms(esc50, 8000, meta=meta)
     ds = WaveformDataset(waves, meta.coarse)
     x, y = ds.__getitems__([5, 2, 9])
-    assert x.dtype == torch.float32 and x.shape == (3, 8000) and y.tolist() == meta.coarse[[5, 2, 9]].tolist()
+    assert x.shape == (3, 8000) and y.tolist() == meta.coarse[[5, 2, 9]].tolist()
+    assert torch.equal(x, torch.from_numpy(np.asarray(waves[[5, 2, 9]])))  # the cache's float16, unconverted
     assert torch.equal(x[1], ds[2][0])
     crop = WaveformDataset(waves, meta.coarse, crop=2000)
     torch.manual_seed(0)
     c, _ = crop.__getitems__([5, 5, 5, 5])
     assert c.shape == (4, 2000)
-    full = torch.from_numpy(np.asarray(waves[5], dtype=np.float32))
+    full = torch.tensor(np.asarray(waves[5]))
     for row in c:  # each crop is a window of the clip, at its own offset
         starts = [s for s in range(8000 - 2000 + 1) if torch.equal(full[s:s + 2000], row)]
         assert starts
@@ -106,7 +107,7 @@ def test_crops_skip_the_silence_around_a_short_event():
     picky = WaveformDataset(waves, [0, 1, 2], crop=2000, min_energy=0.25)
     x, y = picky.__getitems__([0, 1] * 100)
     assert x.shape == (200, 2000) and (x.abs().amax(1) > 0).all() and y.tolist() == [0, 1] * 100
-    full = torch.from_numpy(waves[2].astype(np.float32))
+    full = torch.from_numpy(waves[2])
     rows = picky.__getitems__([2] * 40)[0]
     starts = [next(s for s in range(6001) if torch.equal(full[s:s + 2000], row)) for row in rows]
     assert min(starts) < 1500 and max(starts) > 4500  # a steady clip keeps the whole range of offsets

@@ -259,3 +259,11 @@ def test_pipeline_benchmark_times_both_precisions_where_bf16_is_fast(tmp_path, c
     assert list(rates) == (["bf16", "float32"] if bf16_is_fast(torch.device("cpu")) else ["float32"])
     assert all(r > 0 for pair in rates.values() for r in pair)
     assert ("bf16 / float32 throughput" in out) == (len(rates) == 2)
+
+
+def test_pipeline_benchmark_batches_outlast_an_epoch():
+    from benchmarks.pipeline import cycle
+    from dataset import WaveformDataset, make_loader
+    loader = make_loader(WaveformDataset(np.zeros((3, 100), dtype=np.float16), [0, 1, 2]), 2)
+    ys = [next(batches)[1].tolist() for batches in [cycle(loader)] for _ in range(5)]
+    assert ys == [[0, 1], [2], [0, 1], [2], [0, 1]]  # a new pass whenever the loader runs out
