@@ -177,8 +177,8 @@ class WaveformDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitems__(self, idx: list) -> tuple:
-        """Waveforms (B, T) in the array's dtype (float16 from the cache: the training loop converts
-        them on its device, where it costs nothing) and labels (B,)."""
+        """Waveforms (B, T) in the array's dtype (float16 from the cache, half the bytes to copy; the
+        training loop converts them to float32 on its device) and labels (B,)."""
         idx = np.asarray(idx)
         if self.crop is None:
             x = self.waves[idx]
@@ -190,7 +190,7 @@ class WaveformDataset(torch.utils.data.Dataset):
                 block = torch.multinomial(self.allowed[idx].float(), 1)[:, 0]
                 start = (block * self.block + torch.randint(0, self.block, (len(idx),))).clamp_max(last)
             x = np.stack([self.waves[i, s:s + self.crop] for i, s in zip(idx, start.tolist())])  # the crops alone
-        return torch.from_numpy(np.ascontiguousarray(x)), self.labels[idx]
+        return torch.from_numpy(x), self.labels[idx]  # both branches made a fresh contiguous copy
 
     def __getitem__(self, i):
         x, y = self.__getitems__([i])

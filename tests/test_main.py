@@ -265,5 +265,6 @@ def test_pipeline_benchmark_batches_outlast_an_epoch():
     from benchmarks.pipeline import cycle
     from dataset import WaveformDataset, make_loader
     loader = make_loader(WaveformDataset(np.zeros((3, 100), dtype=np.float16), [0, 1, 2]), 2)
-    ys = [next(batches)[1].tolist() for batches in [cycle(loader)] for _ in range(5)]
+    batches = cycle(loader)
+    ys = [next(batches)[1].tolist() for _ in range(5)]
     assert ys == [[0, 1], [2], [0, 1], [2], [0, 1]]  # a new pass whenever the loader runs out
