@@ -317,6 +317,8 @@ def run_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: int,
     m = evaluate(model, features, f["test"], device, group=cfg.group, amp=cfg.amp)
     write_fold_outputs(cfg, meta.iloc[te], m, history, best["epoch"], out, figs, waves[te], features, model)
     write_run_json(extra["provenance"], t0, out / "run.json", test_fold=test_fold)
+    print(f"fold {test_fold}: test accuracy {m['accuracy']:.4f} with the checkpoint of epoch {best['epoch']} "
+          f"(validation {history['val_accuracy'].max():.4f}) -> {out / 'test_metrics.csv'}")
     return {k: m[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")}
 
 

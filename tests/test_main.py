@@ -100,6 +100,7 @@ def test_cv_writes_a_summary_of_five_folds(esc50, tmp_path, capsys):
     assert main.main([*args, "--cv"]) == 0  # the rest; folds 1 and 2 are skipped
     out = capsys.readouterr().out
     assert "fold 1: complete, skipped" in out and "on the 5 categories: accuracy" in out
+    assert "fold 3: test accuracy" in out and "fold 1: test accuracy" not in out  # printed as each fold ends
     summary = pd.read_csv(res / "cv_summary.csv")
     assert summary["test_fold"].astype(str).tolist() == ["1", "2", "3", "4", "5", "mean", "std"]
     assert summary["accuracy"].iloc[5] == pytest.approx(summary["accuracy"].iloc[:5].mean(), abs=1e-4)
