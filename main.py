@@ -9,7 +9,8 @@ Edit the defaults in `Config` below. Results go to results/<name>/ and figures/<
 (name: {model}_{task} unless set). Fold k is tested on fold k, validated on fold k-1 and
 trained on the other three. A fold whose test_metrics.csv exists is skipped; an interrupted
 fold resumes from its last.pt; cv_summary.csv is written once all five folds exist. Folds
-may run at once as separate processes (`--folds k` each, e.g. sharing one GPU).
+may run at once as separate processes (`--folds k` each, e.g. sharing one GPU), once the data
+and its cache exist (`python download.py && python dataset.py`).
 """
 import argparse
 import hashlib
