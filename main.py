@@ -77,8 +77,9 @@ class Config:
     epochs: int = 100  # maximum epochs (100 against 50: README, "What was tried")
     patience: int = 30  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32  # training batch size
-    lr: float = 2e-3  # peak learning rate (AdamW)
-    weight_decay: float = 0.05  # AdamW weight decay
+    optimizer: str = "adamw"  # adamw, or sgd (Nesterov momentum 0.9; give it its own lr and weight_decay: README)
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 0.05  # weight decay (decoupled in AdamW, L2 in SGD)
     schedule: str = "onecycle"  # onecycle, plateau or constant
     warmup: float = 0.1  # onecycle: fraction of the steps spent warming up
     label_smoothing: float = 0.1  # cross-entropy label smoothing
@@ -110,6 +111,7 @@ def label_group(cfg: dict) -> int:
 
 
 CHOICES = {"task": ("coarse", "fine"), "mixup_domain": ("logmel", "wave"), "model": tuple(MODELS),
+           "optimizer": ("adamw", "sgd"),
            "schedule": ("onecycle", "plateau", "constant"),
            "device": ("auto", "cuda", "mps", "cpu")}
 # fields that may differ between sittings of one run without mixing results

@@ -176,10 +176,17 @@ def scores(p: torch.Tensor, y: torch.Tensor, group: int = 1) -> dict:
 # ---------------------------------------------------------------- fit
 
 def make_optimizer(model, cfg, steps_per_epoch: int) -> tuple:
-    """AdamW and the configured schedule: `onecycle` (warm-up then cosine, stepped per batch),
-    `plateau` (LR x0.5 after `patience // 3` epochs without a better validation accuracy, stepped
-    per epoch) or `constant`."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW (or SGD with Nesterov momentum 0.9) and the configured schedule: `onecycle` (warm-up
+    then cosine, stepped per batch; it also cycles AdamW's beta1 or SGD's momentum, 0.95 -> 0.85
+    -> 0.95), `plateau` (LR x0.5 after `patience // 3` epochs without a better validation accuracy,
+    stepped per epoch) or `constant`."""
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                              weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
     if cfg.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
                                                     steps_per_epoch=steps_per_epoch, pct_start=cfg.warmup)

@@ -147,6 +147,7 @@ def test_cli_overrides():
     (["--epoch", "3"], "unrecognized arguments: --epoch"),
     (["--epochs", "ten"], "invalid int value: 'ten'"),
     (["--task", "medium"], "invalid choice: 'medium'"),
+    (["--optimizer", "adam"], "invalid choice: 'adam'"),
     (["--epochs", "0"], "--epochs 0: must be positive"),
     (["--folds", "1,7"], "--folds '1,7': must be comma-separated numbers from 1 to 5"),
     (["--f-max", "12000"], "--f_max 12000.0: must be at most sample_rate / 2"),

@@ -124,6 +124,19 @@ def test_lr_schedules():
     assert sched is None
 
 
+def test_sgd_optimizer():
+    model = torch.nn.Linear(2, 2)
+    opt, sched = make_optimizer(model, Config(optimizer="sgd", lr=0.1, weight_decay=5e-4, epochs=10), 10)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] and opt.defaults["weight_decay"] == 5e-4
+    momenta = []
+    for _ in range(100):
+        momenta.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    assert max(momenta) == pytest.approx(0.95) and min(momenta) == pytest.approx(0.85)  # one-cycle momentum
+    assert isinstance(make_optimizer(model, Config(), 10)[0], torch.optim.AdamW)  # the default
+
+
 @pytest.mark.parametrize("ema", ["0", "0.9"])
 def test_resume_reproduces_an_uninterrupted_run(esc50, tmp_path, monkeypatch, capsys, ema):
     args = ("--epochs", "4", "--mixup-alpha", "0.4", "--ema-decay", ema)
