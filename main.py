@@ -74,6 +74,7 @@ class Config:
     # model and optimisation
     model: str = "resnet18"  # resnet18 or densenet121
     pretrained: bool = False  # start from torchvision's ImageNet weights
+    dropout: float = 0.0  # dropout on the pooled features before the classifier; 0: off
     epochs: int = 100  # maximum epochs (100 against 50: README, "What was tried")
     patience: int = 30  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32  # training batch size
@@ -137,6 +138,7 @@ def validate(cfg: Config) -> Config:
     need(0 <= cfg.warmup < 1, "warmup", "must be in [0, 1)")
     need(cfg.label_smoothing < 1, "label_smoothing", "must be below 1")
     need(0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1) (0: off)")
+    need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1) (0: off)")
     need(cfg.freq_mask_bins < cfg.n_mels, "freq_mask_bins", "must be below n_mels")
     try:
         folds = cfg.fold_list
@@ -291,7 +293,7 @@ def prepare_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: 
     return dict(
         rows=(tr, va, te), features=features,
         augment=make_augment(cfg, features),
-        model=build_model(cfg.model, num_outputs(cfg), cfg.pretrained),
+        model=build_model(cfg.model, num_outputs(cfg), cfg.pretrained, cfg.dropout),
         train=make_loader(train_ds, cfg.batch_size, shuffle=True, sampler=sampler, drop_last=True),
         val=make_loader(WaveformDataset(np.asarray(waves[va]), labels[va]), 2 * cfg.batch_size),
         test=make_loader(WaveformDataset(np.asarray(waves[te]), labels[te]), 2 * cfg.batch_size))

@@ -10,6 +10,7 @@ gives the response to a grey image of the same intensity.
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -29,8 +30,22 @@ def _imagenet_state(weights) -> dict:
                            f"and place it at {path}, or train from scratch (pretrained=False).") from None
 
 
-def build_model(name: str = "resnet18", num_classes: int = 5, pretrained: bool = False) -> nn.Module:
-    """A torchvision classifier taking (B, 1, n_mels, frames) and returning logits (B, num_classes)."""
+class DropoutLinear(nn.Linear):
+    """nn.Linear with dropout on its input while training; the same parameters and state-dict
+    keys as nn.Linear, so checkpoints load with or without it."""
+
+    def __init__(self, in_features: int, out_features: int, p: float = 0.0):
+        super().__init__(in_features, out_features)
+        self.p = p
+
+    def forward(self, x):
+        return super().forward(F.dropout(x, self.p, self.training))
+
+
+def build_model(name: str = "resnet18", num_classes: int = 5, pretrained: bool = False,
+                dropout: float = 0.0) -> nn.Module:
+    """A torchvision classifier taking (B, 1, n_mels, frames) and returning logits (B, num_classes);
+    `dropout` drops pooled features before the classifier while training."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     make, weights = MODELS[name]
@@ -45,5 +60,5 @@ def build_model(name: str = "resnet18", num_classes: int = 5, pretrained: bool =
         stem.weight.data.copy_(rgb.weight.data.sum(dim=1, keepdim=True))
     setattr(parent, attr, stem)
     head = "fc" if name == "resnet18" else "classifier"
-    setattr(model, head, nn.Linear(getattr(model, head).in_features, num_classes))
+    setattr(model, head, DropoutLinear(getattr(model, head).in_features, num_classes, dropout))
     return model

@@ -155,6 +155,7 @@ def test_cli_overrides():
     (["--crop-min-energy", "1.5"], "--crop_min_energy 1.5: must be in [0, 1]"),
     (["--ema-decay", "1"], "--ema_decay 1.0: must be in [0, 1)"),
     (["--pitch", "-2"], "--pitch -2.0: must be >= 0"),
+    (["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
     (["--cv", "maybe"], "'maybe' is not a boolean"),
 ])
 def test_cli_errors_name_the_value(args, message, capsys):

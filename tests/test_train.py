@@ -29,6 +29,16 @@ def test_one_channel_forward_backward(name, classes):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_dropout_before_the_classifier_only_while_training():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 5, dropout=0.5)
+    feats = torch.ones(4, 512)
+    assert model.fc.training and not torch.equal(model.fc(feats), model.fc(feats))  # dropped, at random
+    model.eval()
+    assert torch.equal(model.fc(feats), feats @ model.fc.weight.T + model.fc.bias)  # all kept, unscaled
+    assert model.state_dict().keys() == build_model("resnet18", 5).state_dict().keys()  # checkpoints load
+
+
 def test_pretrained_sums_rgb_filters(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     ref = torchvision.models.resnet18()  # stands in for the ImageNet weights
