@@ -74,7 +74,7 @@ class Config:
     # model and optimisation
     model: str = "resnet18"  # resnet18 or densenet121
     pretrained: bool = False  # start from torchvision's ImageNet weights
-    dropout: float = 0.0  # dropout on the pooled features before the classifier; 0: off
+    dropout: float = 0.0  # dropout on the pooled features before the classifier; 0: off (0.5: README, "What was tried")
     epochs: int = 100  # maximum epochs (100 against 50: README, "What was tried")
     patience: int = 30  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32  # training batch size
