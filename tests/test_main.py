@@ -54,12 +54,17 @@ def test_end_to_end_writes_every_output(run):
         assert (figs / "fold5" / name).stat().st_size > 10_000
 
 
-def test_run_json_records_provenance(run, esc50):
+def test_run_json_records_provenance(run, esc50, monkeypatch):
     res = run / "results" / "resnet18_coarse"
     rec = json.loads((res / "fold5" / "run.json").read_text())
     assert rec["command"] and rec["seed"] == 0 and rec["test_fold"] == 5
     assert set(rec["versions"]) == {"python", "torch", "torchaudio", "torchvision", "numpy", "scikit-learn", "pandas"}
     assert rec["device"]["type"] == "cpu" and rec["device"]["threads"] >= 1 and rec["device"]["name"]
+    assert rec["device"]["precision"] == "float32"  # tiny_args pass --no-amp
+    monkeypatch.setattr(main, "bf16_is_fast", lambda device: True)  # as on a CPU with AMX, or CUDA
+    for amp, precision in ((True, "bfloat16"), (False, "float32")):
+        cfg = main.Config(sample_rate=8000, amp=amp)
+        assert main.provenance(cfg, esc50, torch.device("cpu"))["device"]["precision"] == precision
     import hashlib
     assert rec["data"]["esc50_csv_sha256"] == hashlib.sha256((esc50 / "meta" / "esc50.csv").read_bytes()).hexdigest()
     assert len(rec["data"]["waveform_cache_key"]) == 64
