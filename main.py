@@ -36,8 +36,8 @@ from dataset import (Augment, LogMel, WaveformDataset, cache_key, class_names, l
 from download import CATEGORIES, CLASSES_PER_CATEGORY, ensure_esc50
 from explain import saliency_figure
 from model import MODELS, build_model
-from train import (atomic_csv, atomic_write, bf16_is_fast, evaluate, fit, is_main_process, load_checkpoint,
-                   scores, setup_distributed)
+from train import (atomic_csv, atomic_write, evaluate, fit, is_main_process, load_checkpoint, scores,
+                   setup_distributed, uses_bf16)
 
 
 @dataclass
@@ -239,7 +239,7 @@ def provenance(cfg: Config, data_dir: Path, device: torch.device) -> dict:
         "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda"
                    else _cpu_name(), "threads": torch.get_num_threads(),
                    "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
-                   "precision": "bfloat16" if cfg.amp and bf16_is_fast(device) else "float32"},
+                   "precision": "bfloat16" if uses_bf16(device, cfg.amp) else "float32"},
         "seed": cfg.seed,
         "data": {"esc50_csv_sha256": hashlib.sha256((data_dir / "meta" / "esc50.csv").read_bytes()).hexdigest(),
                  "waveform_cache_key": cache_key(data_dir, cfg.sample_rate)},

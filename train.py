@@ -103,8 +103,13 @@ def bf16_is_fast(device: torch.device) -> bool:
     return device.type == "cpu" and bool(getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def uses_bf16(device: torch.device, amp: bool) -> bool:
+    """Whether a run with `amp` on `device` computes in bf16 (autocast) rather than float32."""
+    return amp and bf16_is_fast(device)
+
+
 def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and bf16_is_fast(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, amp))
 
 
 def train_one_epoch(model, features, augment, loader, optimizer, scheduler, device, *, group=1, amp=True,

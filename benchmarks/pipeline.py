@@ -21,7 +21,7 @@ import torch
 from dataset import WaveformDataset, load_meta, load_waveforms, make_loader, splits
 from main import Config, make_augment, make_features, num_outputs, resolve_device
 from model import build_model
-from train import _autocast, bf16_is_fast, make_optimizer
+from train import _autocast, make_optimizer, uses_bf16
 
 
 def cycle(loader):
@@ -59,7 +59,7 @@ def main(argv=None):
     features = make_features(cfg).to(device)
     features.mean.fill_(-40.0), features.std.fill_(20.0)  # fixed: statistics don't change the cost
     augment = make_augment(cfg, features).to(device).train()
-    precisions = ["bf16", "float32"] if cfg.amp and bf16_is_fast(device) else ["float32"]
+    precisions = ["bf16", "float32"] if uses_bf16(device, cfg.amp) else ["float32"]
     models = {}
     for prec in precisions:  # the same initial weights for each precision
         torch.manual_seed(0)

@@ -10,6 +10,7 @@ import torch
 
 import main
 import predict
+import train
 from conftest import tiny_args
 from download import CATEGORIES, CLASSES
 from fake_esc50 import make_clip
@@ -61,7 +62,7 @@ def test_run_json_records_provenance(run, esc50, monkeypatch):
     assert set(rec["versions"]) == {"python", "torch", "torchaudio", "torchvision", "numpy", "scikit-learn", "pandas"}
     assert rec["device"]["type"] == "cpu" and rec["device"]["threads"] >= 1 and rec["device"]["name"]
     assert rec["device"]["precision"] == "float32"  # tiny_args pass --no-amp
-    monkeypatch.setattr(main, "bf16_is_fast", lambda device: True)  # as on a CPU with AMX, or CUDA
+    monkeypatch.setattr(train, "bf16_is_fast", lambda device: True)  # as on a CPU with AMX, or CUDA
     for amp, precision in ((True, "bfloat16"), (False, "float32")):
         cfg = main.Config(sample_rate=8000, amp=amp)
         assert main.provenance(cfg, esc50, torch.device("cpu"))["device"]["precision"] == precision
