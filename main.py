@@ -35,7 +35,7 @@ from dataset import (Augment, LogMel, WaveformDataset, cache_key, class_names, l
                      make_loader, splits)
 from download import CATEGORIES, CLASSES_PER_CATEGORY, ensure_esc50
 from explain import saliency_figure
-from model import MODELS, build_model
+from model import MODELS, POOLS, build_model
 from train import (atomic_csv, atomic_write, evaluate, fit, is_main_process, load_checkpoint, scores,
                    setup_distributed, uses_bf16)
 
@@ -75,6 +75,7 @@ class Config:
     model: str = "resnet18"  # resnet18 or densenet121
     pretrained: bool = False  # start from torchvision's ImageNet weights
     dropout: float = 0.0  # dropout on the pooled features before the classifier; 0: off (0.5: README, "What was tried")
+    pool: str = "avg"  # avg: global average; meanmax: mean over frequency, then max + mean over time (PANNs; README)
     epochs: int = 100  # maximum epochs (100 against 50: README, "What was tried")
     patience: int = 30  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32  # training batch size
@@ -111,7 +112,7 @@ def label_group(cfg: dict) -> int:
     return CLASSES_PER_CATEGORY if cfg["task"] == "coarse" and cfg.get("fine_supervision") else 1
 
 
-CHOICES = {"task": ("coarse", "fine"), "mixup_domain": ("logmel", "wave"), "model": tuple(MODELS),
+CHOICES = {"task": ("coarse", "fine"), "mixup_domain": ("logmel", "wave"), "model": tuple(MODELS), "pool": POOLS,
            "optimizer": ("adamw", "sgd"),
            "schedule": ("onecycle", "plateau", "constant"),
            "device": ("auto", "cuda", "mps", "cpu")}
@@ -139,6 +140,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.label_smoothing < 1, "label_smoothing", "must be below 1")
     need(0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1) (0: off)")
     need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1) (0: off)")
+    need(cfg.pool == "avg" or cfg.model == "resnet18", "pool", f"only avg works with {cfg.model}")
     need(cfg.freq_mask_bins < cfg.n_mels, "freq_mask_bins", "must be below n_mels")
     try:
         folds = cfg.fold_list
@@ -294,7 +296,7 @@ def prepare_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: 
     return dict(
         rows=(tr, va, te), features=features,
         augment=make_augment(cfg, features),
-        model=build_model(cfg.model, num_outputs(cfg), cfg.pretrained, cfg.dropout),
+        model=build_model(cfg.model, num_outputs(cfg), cfg.pretrained, cfg.dropout, cfg.pool),
         train=make_loader(train_ds, cfg.batch_size, shuffle=True, sampler=sampler, drop_last=True),
         val=make_loader(WaveformDataset(np.asarray(waves[va]), labels[va]), 2 * cfg.batch_size),
         test=make_loader(WaveformDataset(np.asarray(waves[te]), labels[te]), 2 * cfg.batch_size))

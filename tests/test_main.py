@@ -14,6 +14,7 @@ import train
 from conftest import tiny_args
 from download import CATEGORIES, CLASSES
 from fake_esc50 import make_clip
+from model import MeanMaxPool
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FIGURES = ["samples_per_class.png", "random_waveform_samples.png", "random_log_spectrogram_samples.png"]
@@ -162,6 +163,8 @@ def test_cli_overrides():
     (["--ema-decay", "1"], "--ema_decay 1.0: must be in [0, 1)"),
     (["--pitch", "-2"], "--pitch -2.0: must be >= 0"),
     (["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
+    (["--pool", "max"], "invalid choice: 'max'"),
+    (["--model", "densenet121", "--pool", "meanmax"], "--pool 'meanmax': only avg works with densenet121"),
     (["--cv", "maybe"], "'maybe' is not a boolean"),
 ])
 def test_cli_errors_name_the_value(args, message, capsys):
@@ -206,6 +209,15 @@ def test_predict_explain_writes_png_and_wav(run, tmp_path, capsys):
         "a_explanation.png", "a_explanation.wav", "b_explanation.png", "b_explanation.wav"]
     wav, sr = sf.read(tmp_path / "out" / "a_explanation.wav")
     assert sr == 8000 and len(wav) == 8000
+
+
+def test_predictor_builds_the_checkpoints_pooling(run, tmp_path):
+    best = run / "results" / "resnet18_coarse" / "fold5" / "best.pt"
+    assert isinstance(predict.Predictor(best).model.avgpool, torch.nn.AdaptiveAvgPool2d)
+    ck = torch.load(best, weights_only=False)
+    ck["config"]["pool"] = "meanmax"
+    torch.save(ck, tmp_path / "meanmax.pt")
+    assert isinstance(predict.Predictor(tmp_path / "meanmax.pt").model.avgpool, MeanMaxPool)
 
 
 def test_mismatched_checkpoint_is_refused(run, tmp_path, capsys):

@@ -12,7 +12,7 @@ import train
 from conftest import tiny_args
 from dataset import load_meta, load_waveforms
 from main import Config, parse_config, prepare_fold
-from model import build_model
+from model import MeanMaxPool, build_model
 from train import _autocast, bf16_is_fast, evaluate, fit, load_checkpoint, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +37,19 @@ def test_dropout_before_the_classifier_only_while_training():
     model.eval()
     assert torch.allclose(model.fc(feats), feats @ model.fc.weight.T + model.fc.bias)  # all kept, unscaled
     assert model.state_dict().keys() == build_model("resnet18", 5).state_dict().keys()  # checkpoints load
+
+
+def test_meanmax_pool_keeps_a_short_sound_as_strong_in_a_longer_clip():
+    pool = MeanMaxPool()
+    x = torch.tensor([[[[0.0, 4.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]]])  # (B, C, F, T): one loud frame
+    assert torch.allclose(pool(x), torch.tensor([[3.0 + 0.75]]))  # max 3 over time + mean 0.75
+    longer = torch.cat([x, torch.zeros_like(x)], -1)  # the same sound in twice the silence
+    assert torch.allclose(pool(longer), torch.tensor([[3.0 + 0.375]]))  # only the mean part halves
+    model = build_model("resnet18", 5, pool="meanmax")
+    assert isinstance(model.avgpool, MeanMaxPool) and model(torch.randn(2, 1, 32, 63)).shape == (2, 5)
+    assert model.state_dict().keys() == build_model("resnet18", 5).state_dict().keys()
+    with pytest.raises(ValueError, match="pool 'meanmax' is not available for densenet121"):
+        build_model("densenet121", 5, pool="meanmax")
 
 
 def test_pretrained_sums_rgb_filters(tmp_path, monkeypatch):
