@@ -43,12 +43,12 @@ class DropoutLinear(nn.Linear):
 
 
 class MeanMaxPool(nn.Module):
-    """(B, C, F, T) -> (B, C): the mean over frequency, then the max plus the mean over time (the
-    PANNs pooling), so a short sound weighs as much in a whole 5-s clip as in a 2.5-s crop."""
+    """(B, C, F, T) -> (B, C, 1, 1): the mean over frequency, then the max plus the mean over time
+    (the PANNs pooling), so a short sound weighs as much in a whole 5-s clip as in a 2.5-s crop."""
 
     def forward(self, x):
-        x = x.mean(2)
-        return x.amax(-1) + x.mean(-1)
+        x = x.mean(2, keepdim=True)
+        return x.amax(-1, keepdim=True) + x.mean(-1, keepdim=True)
 
 
 POOLS = ("avg", "meanmax")
@@ -58,12 +58,11 @@ def build_model(name: str = "resnet18", num_classes: int = 5, pretrained: bool =
                 dropout: float = 0.0, pool: str = "avg") -> nn.Module:
     """A torchvision classifier taking (B, 1, n_mels, frames) and returning logits (B, num_classes);
     `dropout` drops pooled features before the classifier while training; `pool` is how the last
-    feature map becomes one vector: "avg" (torchvision's global average) or "meanmax" (ResNet-18 only)."""
+    feature map becomes one vector: "avg" (torchvision's global average) or "meanmax" (MeanMaxPool)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    if pool not in POOLS or (pool != "avg" and name != "resnet18"):
-        raise ValueError(f"pool {pool!r} is not available for {name}; choose one of "
-                         f"{list(POOLS) if name == 'resnet18' else ['avg']}")
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; choose one of {list(POOLS)}")
     make, weights = MODELS[name]
     model = make(weights=None)
     if pretrained:
@@ -77,6 +76,8 @@ def build_model(name: str = "resnet18", num_classes: int = 5, pretrained: bool =
     setattr(parent, attr, stem)
     head = "fc" if name == "resnet18" else "classifier"
     setattr(model, head, DropoutLinear(getattr(model, head).in_features, num_classes, dropout))
-    if pool == "meanmax":
+    if pool == "meanmax" and name == "resnet18":
         model.avgpool = MeanMaxPool()
+    elif pool == "meanmax":  # DenseNet pools relu(features) to 1x1 in forward(): pool before it
+        model.features.add_module("meanmax", nn.Sequential(nn.ReLU(), MeanMaxPool()))
     return model

@@ -63,7 +63,7 @@ def main(argv=None):
     models = {}
     for prec in precisions:  # the same initial weights for each precision
         torch.manual_seed(0)
-        model = build_model(cfg.model, num_outputs(cfg)).to(device).to(memory_format=torch.channels_last)
+        model = build_model(cfg.model, num_outputs(cfg), pool=cfg.pool).to(device).to(memory_format=torch.channels_last)
         models[prec] = (model, make_optimizer(model, cfg, len(train))[0])
     t = {"fetch": [], "features + augment": []}
     for prec in precisions:

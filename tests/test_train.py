@@ -42,14 +42,22 @@ def test_dropout_before_the_classifier_only_while_training():
 def test_meanmax_pool_keeps_a_short_sound_as_strong_in_a_longer_clip():
     pool = MeanMaxPool()
     x = torch.tensor([[[[0.0, 4.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]]])  # (B, C, F, T): one loud frame
-    assert torch.allclose(pool(x), torch.tensor([[3.0 + 0.75]]))  # max 3 over time + mean 0.75
+    assert pool(x).flatten().tolist() == [3.0 + 0.75]  # max 3 over time + mean 0.75
     longer = torch.cat([x, torch.zeros_like(x)], -1)  # the same sound in twice the silence
-    assert torch.allclose(pool(longer), torch.tensor([[3.0 + 0.375]]))  # only the mean part halves
-    model = build_model("resnet18", 5, pool="meanmax")
-    assert isinstance(model.avgpool, MeanMaxPool) and model(torch.randn(2, 1, 32, 63)).shape == (2, 5)
-    assert model.state_dict().keys() == build_model("resnet18", 5).state_dict().keys()
-    with pytest.raises(ValueError, match="pool 'meanmax' is not available for densenet121"):
-        build_model("densenet121", 5, pool="meanmax")
+    assert pool(longer).flatten().tolist() == [3.0 + 0.375]  # only the mean part halves
+    for name in ("resnet18", "densenet121"):
+        model = build_model(name, 5, pool="meanmax").eval()
+        assert model(torch.randn(2, 1, 32, 63)).shape == (2, 5)
+        assert model.state_dict().keys() == build_model(name, 5).state_dict().keys()  # checkpoints load
+    assert isinstance(build_model("resnet18", 5, pool="meanmax").avgpool, MeanMaxPool)
+    # DenseNet: the classifier sees relu(features) pooled the same way
+    model = build_model("densenet121", 5, pool="meanmax").eval()
+    clip = torch.randn(2, 1, 32, 63)
+    with torch.no_grad():
+        feats = torch.relu(model.features[:-1](clip))
+        assert torch.allclose(model(clip), model.classifier(MeanMaxPool()(feats).flatten(1)), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown pool 'max'"):
+        build_model("resnet18", 5, pool="max")
 
 
 def test_pretrained_sums_rgb_filters(tmp_path, monkeypatch):
