@@ -45,14 +45,14 @@ def test_meanmax_pool_keeps_a_short_sound_as_strong_in_a_longer_clip():
     assert pool(x).flatten().tolist() == [3.0 + 0.75]  # max 3 over time + mean 0.75
     longer = torch.cat([x, torch.zeros_like(x)], -1)  # the same sound in twice the silence
     assert pool(longer).flatten().tolist() == [3.0 + 0.375]  # only the mean part halves
-    for name in ("resnet18", "densenet121"):
-        model = build_model(name, 5, pool="meanmax").eval()
-        assert model(torch.randn(2, 1, 32, 63)).shape == (2, 5)
-        assert model.state_dict().keys() == build_model(name, 5).state_dict().keys()  # checkpoints load
-    assert isinstance(build_model("resnet18", 5, pool="meanmax").avgpool, MeanMaxPool)
-    # DenseNet: the classifier sees relu(features) pooled the same way
-    model = build_model("densenet121", 5, pool="meanmax").eval()
     clip = torch.randn(2, 1, 32, 63)
+    models = {name: build_model(name, 5, pool="meanmax").eval() for name in ("resnet18", "densenet121")}
+    for name, model in models.items():
+        assert model(clip).shape == (2, 5)
+        assert model.state_dict().keys() == build_model(name, 5).state_dict().keys()  # checkpoints load
+    assert isinstance(models["resnet18"].avgpool, MeanMaxPool)
+    # DenseNet: the classifier sees relu(features) pooled the same way
+    model = models["densenet121"]
     with torch.no_grad():
         feats = torch.relu(model.features[:-1](clip))
         assert torch.allclose(model(clip), model.classifier(MeanMaxPool()(feats).flatten(1)), atol=1e-5)
