@@ -28,15 +28,17 @@ from tqdm import tqdm
 
 def setup_distributed() -> torch.device | None:
     """Join the process group when started by torchrun with WORLD_SIZE > 1; returns this rank's
-    CUDA device (None on CPU). Splits the CPU cores between the local processes."""
+    CUDA device (None on CPU). Splits the CPU cores between the local processes, unless
+    OMP_NUM_THREADS says how many threads each process takes (e.g. folds run side by side)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if world > 1 and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if "OMP_NUM_THREADS" not in os.environ:  # torch already took that one at import
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return None
 
 

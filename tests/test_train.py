@@ -243,3 +243,19 @@ def test_atomic_write_from_processes_writing_one_file_at_once(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]  # a shared temporary name made one rename fail
     assert path.read_text() in texts and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("omp, local, want", [(None, None, 2), (None, "2", 1), ("1", None, 3)])
+def test_cpu_threads_split_between_local_processes_unless_omp_num_threads_says(monkeypatch, omp, local, want):
+    """torchrun's processes share the cores; folds run side by side set OMP_NUM_THREADS, which
+    torch read at import (3 stands for it here) and which setup_distributed leaves alone."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for name, value in (("OMP_NUM_THREADS", omp), ("LOCAL_WORLD_SIZE", local), ("WORLD_SIZE", None)):
+        monkeypatch.delenv(name, raising=False) if value is None else monkeypatch.setenv(name, value)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        train.setup_distributed()
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
