@@ -10,7 +10,8 @@ Edit the defaults in `Config` below. Results go to results/<name>/ and figures/<
 trained on the other three. A fold whose test_metrics.csv exists is skipped; an interrupted
 fold resumes from its last.pt; cv_summary.csv is written once all five folds exist. Folds
 may run at once as separate processes (`--folds k` each, e.g. sharing one GPU), once the data
-and its cache exist (`python download.py && python dataset.py`).
+and its cache exist (`python download.py && python dataset.py`); on a CPU give each its share
+of the cores (`OMP_NUM_THREADS=1` for two at once on two cores).
 """
 import argparse
 import hashlib

@@ -35,15 +35,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", type=int, default=12, help="timed batches (after 2 warm-up batches)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--task", default="coarse", choices=("coarse", "fine"))
-    p.add_argument("--data-root", default="data", help="folder holding ESC-50/; random audio when missing")
-    args = p.parse_args(argv)
-    cfg = Config(task=args.task, device=args.device, data_root=args.data_root)
-    device = resolve_device(cfg.device)
+def parts(cfg, device):
+    """The training batches (random crops of the training folds' cached waveforms, or of random
+    audio where ESC-50 is not installed), whole-clip evaluation batches, LogMel and Augment on
+    `device`, and a line naming the audio."""
     torch.manual_seed(0)
     try:
         meta = load_meta(f"{cfg.data_root}/ESC-50")
@@ -59,6 +54,19 @@ def main(argv=None):
     features = make_features(cfg).to(device)
     features.mean.fill_(-40.0), features.std.fill_(20.0)  # fixed: statistics don't change the cost
     augment = make_augment(cfg, features).to(device).train()
+    return train, evalset, features, augment, source
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, default=12, help="timed batches (after 2 warm-up batches)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--task", default="coarse", choices=("coarse", "fine"))
+    p.add_argument("--data-root", default="data", help="folder holding ESC-50/; random audio when missing")
+    args = p.parse_args(argv)
+    cfg = Config(task=args.task, device=args.device, data_root=args.data_root)
+    device = resolve_device(cfg.device)
+    train, evalset, features, augment, source = parts(cfg, device)
     precisions = ["bf16", "float32"] if uses_bf16(device, cfg.amp) else ["float32"]
     models = {}
     for prec in precisions:  # the same initial weights for each precision

@@ -305,6 +305,17 @@ def test_pipeline_benchmark_times_both_precisions_where_bf16_is_fast(tmp_path, c
     assert ("bf16 / float32 throughput" in out) == (len(rates) == 2)
 
 
+def test_processes_benchmark_times_one_process_against_several_side_by_side(tmp_path, capsys):
+    from benchmarks import processes
+    one, side = processes.main(["--processes", "2", "--seconds", "0.5", "--rounds", "1",
+                                "--data-root", str(tmp_path), "--task", "fine"])  # random audio
+    out = capsys.readouterr().out
+    assert one > 0 and side > 0
+    assert "1 process(es) x" in out and "2 process(es) x" in out and f"{side / one:.2f}x" in out
+    with pytest.raises(SystemExit):  # a bad override stops before any process starts
+        processes.main(["--n-mels", "many"])
+
+
 def test_pipeline_benchmark_batches_outlast_an_epoch():
     from benchmarks.pipeline import cycle
     from dataset import WaveformDataset, make_loader
