@@ -130,6 +130,8 @@ def test_cv_writes_a_summary_of_five_folds(esc50, tmp_path, capsys):
 
 COMMITTED_RUNS = subprocess.run(["git", "ls-files", "results/*/config.json"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.split()
+COMMITTED_SUMMARIES = subprocess.run(["git", "ls-files", "results/*/cv_summary.csv"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.split()
 
 
 @pytest.mark.parametrize("config", COMMITTED_RUNS)
@@ -162,6 +164,36 @@ def test_readme_commands_repeat_the_committed_configs():
         checked += 1
     assert checked >= 40
 
+
+def test_readme_tables_match_the_committed_cv_summaries():
+    """Each README table row naming a run with a committed cv_summary.csv (and the "5
+    categories" row under it) shows that file's mean +- std and per-fold test accuracy, to the
+    digits it prints."""
+    def shown(text, value):
+        return abs(float(text) - value) <= 0.5 * 10 ** -len(text.split(".")[1]) + 1e-9
+
+    checked, name = 0, None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if m := re.search(r"--name (resnet18_\w+)", line if line.startswith("|") else ""):
+            name, col = m.group(1), "accuracy"
+        elif line.startswith("| 5 categories") and name:
+            col = "category_accuracy"
+        else:
+            name = None
+            continue
+        path = ROOT / "results" / name / "cv_summary.csv"
+        if str(path.relative_to(ROOT)) not in COMMITTED_SUMMARIES:
+            continue
+        acc = pd.read_csv(path).set_index("test_fold")[col]
+        for cell in cells:
+            if m := re.fullmatch(r"(\d\.\d+) \+- (\d\.\d+)", cell):
+                assert shown(m.group(1), acc["mean"]) and shown(m.group(2), acc["std"]), (name, col, cell)
+                checked += 1
+            elif re.fullmatch(r"\d\.\d+(, \d\.\d+){4}", cell):
+                assert all(shown(v, acc[str(k)]) for k, v in enumerate(cell.split(", "), 1)), (name, col, cell)
+                checked += 1
+    assert checked >= 50
 
 def test_cli_overrides():
     cfg = main.parse_config(["--epochs", "30", "--task", "fine", "--cv", "--batch-size=64", "--no-amp", "--lr", "1e-4"])
