@@ -272,18 +272,35 @@ class Augment(nn.Module):
             *[torchaudio.transforms.TimeMasking(time_mask_frames, iid_masks=True) for _ in range(time_masks)],
             *[torchaudio.transforms.FrequencyMasking(freq_mask_bins, iid_masks=True) for _ in range(freq_masks)])
 
-    def _pitch_rows(self, b: int, f: int, dev) -> torch.Tensor:
-        """Source row of each output mel bin, (B, F) in grid_sample's [-1, 1], for a random pitch shift."""
-        if not self.pitch:
+    def _pitch_rows(self, b: int, f: int, dev, semitones=None) -> torch.Tensor:
+        """Source row of each output mel bin, (B, F) in grid_sample's [-1, 1], for a pitch shift
+        of `semitones` (B, 1), or a random one of up to +-pitch when None."""
+        if semitones is None and not self.pitch:
             return (torch.linspace(-1, 1, f, device=dev) * (f - 1) / f).expand(b, f)
+        if semitones is None:
+            semitones = (torch.rand(b, 1, device=dev) * 2 - 1) * self.pitch
         k = torch.arange(f, device=dev, dtype=torch.float32)
         mel = lambda hz: 2595 * torch.log10(1 + hz / 700)  # noqa: E731  (torchaudio's default, HTK)
         lo, hi = (mel(torch.tensor(float(hz), device=dev)) for hz in self.mel_range)
         step = (hi - lo) / (f + 1)  # bin k is centred at mel lo + (k + 1) * step
         centre_hz = 700 * (10 ** ((lo + (k + 1) * step) / 2595) - 1)
-        ratio = 2 ** ((torch.rand(b, 1, device=dev) * 2 - 1) * self.pitch / 12)  # > 1 raises the pitch
+        ratio = 2 ** (semitones / 12)  # > 1 raises the pitch
         src = (mel(centre_hz / ratio) - lo) / step - 1  # fractional source bin
         return (2 * src + 1) / f - 1
+
+    @staticmethod
+    def _warp(x: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Resample x (B, 1, F, T): output frame j reads time cols[:, j], mel bin i reads rows[:, i]."""
+        b, t, f = x.shape[0], x.shape[-1], x.shape[-2]
+        grid = torch.stack(torch.broadcast_tensors(cols.expand(b, t)[:, None, :], rows[:, :, None]), -1)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def shift_pitch(self, x: torch.Tensor, semitones: float) -> torch.Tensor:
+        """The training pitch warp, fixed at `semitones` for the whole batch (B, 1, F, T), in
+        either mode: for averaging predictions over pitch shifts at test time."""
+        b, (f, t), dev = x.shape[0], x.shape[-2:], x.device
+        cols = torch.linspace(-1, 1, t, device=dev) * (t - 1) / t
+        return self._warp(x, cols, self._pitch_rows(b, f, dev, torch.full((b, 1), float(semitones), device=dev)))
 
     def _mix_weights(self, b: int, dev) -> tuple:
         lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample((b,)).to(dev)
@@ -319,9 +336,7 @@ class Augment(nn.Module):
             cols = torch.linspace(-1, 1, t, device=dev) * (t - 1) / t  # pixel centres, as F.affine_grid
             if self.stretch > 1:
                 cols = self.stretch ** (torch.rand(b, 1, device=dev) * 2 - 1) * cols  # rate > 1 speeds up
-            grid = torch.stack(torch.broadcast_tensors(cols.expand(b, t)[:, None, :],
-                                                       self._pitch_rows(b, f, dev)[:, :, None]), -1)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            x = self._warp(x, cols, self._pitch_rows(b, f, dev))
         if self.shift:
             frames = x.shape[-1]
             offset = (torch.rand(b, device=dev) * self.shift * frames).long()  # (B,)

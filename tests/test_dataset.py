@@ -189,3 +189,15 @@ def test_pitch_shift_moves_a_tone_to_its_shifted_frequency():
         played = lm(torch.sin(2 * torch.pi * f0 * 2 ** (semitones / 12) * t))
         assert (peak(shifted) - peak(played)).abs().max() <= 1
         assert len(set(peak(shifted).tolist())) > 1  # the shifts differ per clip
+
+
+def test_fixed_pitch_shift_moves_a_tone_in_eval_mode_and_zero_leaves_it():
+    """shift_pitch applies the training warp at a given shift, also in eval mode (test-time averaging)."""
+    lm, t = LogMel(16000, 1024, 160, 64), torch.arange(16000) / 16000
+    aug = Augment(5, mel_range=(0.0, 8000.0)).eval()
+    peak = lambda x: x.mean(-1)[:, 0].argmax(-1)  # noqa: E731
+    x = lm(torch.sin(2 * torch.pi * 500.0 * t)[None])
+    torch.testing.assert_close(aug.shift_pitch(x, 0), x, atol=1e-3, rtol=1e-4)
+    for s in (-5.0, 2.0, 7.0):
+        played = lm(torch.sin(2 * torch.pi * 500.0 * 2 ** (s / 12) * t)[None])
+        assert peak(aug.shift_pitch(x, s)) != peak(x) and (peak(aug.shift_pitch(x, s)) - peak(played)).abs() <= 1

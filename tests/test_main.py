@@ -294,13 +294,17 @@ def test_eval_crops_scores_the_validation_fold(run, esc50, capsys):
     from benchmarks import eval_crops
     res = run / "results" / "resnet18_coarse"
     argv = ["--results-dir", str(run / "results"), "--data-root", str(esc50.parent), "--folds", "5", "--crops", "3"]
-    df = eval_crops.main(argv)
+    df = eval_crops.main(argv + ["--pitch", "1"])
     assert list(df.index) == [5] and df.loc[5, "validation_fold"] == 4
+    assert 0 <= df.loc[5, "pitch -1,+0,+1"] <= 1
     # the whole-clip column is the validation accuracy main.py recorded for the best epoch
     best = pd.read_csv(res / "fold5" / "test_metrics.csv")["best_epoch"].iloc[0]
     hist = pd.read_csv(res / "fold5" / "history.csv").set_index("epoch")
     assert df.loc[5, "whole clip"] == pytest.approx(hist.loc[best, "val_accuracy"], abs=1e-4)
-    assert 0 <= df.loc[5, "3 crops"] <= 1 and "crops / whole clip" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 0 <= df.loc[5, "3 crops"] <= 1 and "crops / whole clip" in out and "pitch shifts / whole clip" in out
+    with pytest.raises(SystemExit, match="semitones separated by commas"):
+        eval_crops.main(argv + ["--pitch", "up"])
     with pytest.raises(SystemExit, match="train the run first"):
         eval_crops.main(argv[:4] + ["--run", "none"])
 
