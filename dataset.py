@@ -291,7 +291,7 @@ class Augment(nn.Module):
     @staticmethod
     def _warp(x: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Resample x (B, 1, F, T): output frame j reads time cols[:, j], mel bin i reads rows[:, i]."""
-        b, t, f = x.shape[0], x.shape[-1], x.shape[-2]
+        b, t = x.shape[0], x.shape[-1]
         grid = torch.stack(torch.broadcast_tensors(cols.expand(b, t)[:, None, :], rows[:, :, None]), -1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 

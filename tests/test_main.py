@@ -195,6 +195,7 @@ def test_readme_tables_match_the_committed_cv_summaries():
                 checked += 1
     assert checked >= 50
 
+
 def test_cli_overrides():
     cfg = main.parse_config(["--epochs", "30", "--task", "fine", "--cv", "--batch-size=64", "--no-amp", "--lr", "1e-4"])
     assert (cfg.epochs, cfg.task, cfg.cv, cfg.batch_size, cfg.amp, cfg.lr) == (30, "fine", True, 64, False, 1e-4)
