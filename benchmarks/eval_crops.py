@@ -100,8 +100,9 @@ def main(argv=None):
     df = pd.DataFrame(rows).set_index("test_fold")
     print(f"\n{args.run}, validation accuracy, mean of {len(df)} folds:")
     print(df.drop(columns="validation_fold").mean().to_string(float_format="%.4f"))
-    pitch = f", pitch shifts / whole clip: {1 + seconds['pitch'] / seconds['whole clip']:.1f}x" if len(shifts) > 1 else ""
-    print(f"evaluation time, crops / whole clip: {seconds['crops'] / seconds['whole clip']:.1f}x{pitch}")
+    pitch = f", pitch shifts / whole clip: {1 + seconds['pitch'] / seconds['whole clip']:.1f}x"
+    print(f"evaluation time, crops / whole clip: {seconds['crops'] / seconds['whole clip']:.1f}x"
+          + (pitch if len(shifts) > 1 else ""))
     return df
 
 
