@@ -276,7 +276,7 @@ class Augment(nn.Module):
         """Source row of each output mel bin, (B, F) in grid_sample's [-1, 1], for a pitch shift
         of `semitones` (B, 1), or a random one of up to +-pitch when None."""
         if semitones is None and not self.pitch:
-            return (torch.linspace(-1, 1, f, device=dev) * (f - 1) / f).expand(b, f)
+            return self._centres(f, dev).expand(b, f)
         if semitones is None:
             semitones = (torch.rand(b, 1, device=dev) * 2 - 1) * self.pitch
         k = torch.arange(f, device=dev, dtype=torch.float32)
@@ -289,6 +289,11 @@ class Augment(nn.Module):
         return (2 * src + 1) / f - 1
 
     @staticmethod
+    def _centres(n: int, dev) -> torch.Tensor:
+        """The n pixel centres along one axis in grid_sample's [-1, 1] (as F.affine_grid): no warp."""
+        return torch.linspace(-1, 1, n, device=dev) * (n - 1) / n
+
+    @staticmethod
     def _warp(x: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Resample x (B, 1, F, T): output frame j reads time cols[:, j], mel bin i reads rows[:, i]."""
         b, t = x.shape[0], x.shape[-1]
@@ -299,8 +304,8 @@ class Augment(nn.Module):
         """The training pitch warp, fixed at `semitones` for the whole batch (B, 1, F, T), in
         either mode: for averaging predictions over pitch shifts at test time."""
         b, (f, t), dev = x.shape[0], x.shape[-2:], x.device
-        cols = torch.linspace(-1, 1, t, device=dev) * (t - 1) / t
-        return self._warp(x, cols, self._pitch_rows(b, f, dev, torch.full((b, 1), float(semitones), device=dev)))
+        rows = self._pitch_rows(b, f, dev, torch.full((b, 1), float(semitones), device=dev))
+        return self._warp(x, self._centres(t, dev), rows)
 
     def _mix_weights(self, b: int, dev) -> tuple:
         lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample((b,)).to(dev)
@@ -333,7 +338,7 @@ class Augment(nn.Module):
             x = x + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.gain_db / self.db_per_unit
         if self.stretch > 1 or self.pitch:
             f, t = x.shape[-2:]
-            cols = torch.linspace(-1, 1, t, device=dev) * (t - 1) / t  # pixel centres, as F.affine_grid
+            cols = self._centres(t, dev)
             if self.stretch > 1:
                 cols = self.stretch ** (torch.rand(b, 1, device=dev) * 2 - 1) * cols  # rate > 1 speeds up
             x = self._warp(x, cols, self._pitch_rows(b, f, dev))
