@@ -246,7 +246,8 @@ def test_predict_any_rate_length_and_channels(run, tmp_path, capsys):
     assert "run resnet18_coarse" in out and "commit" in out
     lines = [l for l in out.splitlines() if l.startswith(str(tmp_path))]
     assert len(lines) == 4
-    assert sum(l.split(": ")[1].startswith("exterior") for l in lines[:3]) >= 2
+    top2 = [[p.split()[0] for p in l.split(": ")[1].split(", ")] for l in lines[:3]]
+    assert all(len(t) == 2 and "exterior" in t for t in top2), top2  # a resampling slip moves the tone
     windows = predict.Predictor(ckpt).windows(torch.arange(8000 * 2.5))  # the fake clips last 1 s
     assert windows.shape == (3, 8000) and windows[2, 4000:].abs().sum() == 0 and windows[2, 0] == 8000 * 2
 
