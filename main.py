@@ -76,7 +76,7 @@ class Config:
     model: str = "resnet18"  # resnet18 or densenet121
     pretrained: bool = False  # start from torchvision's ImageNet weights
     dropout: float = 0.0  # dropout on the pooled features before the classifier; 0: off (0.5: README, "What was tried")
-    pool: str = "meanmax"  # meanmax: mean over frequency, then max + mean over time (PANNs); avg: global average (README)
+    pool: str = "meanmax"  # meanmax: mean over frequency, then max + mean over time (PANNs); avg: global mean (README)
     epochs: int = 100  # maximum epochs (100 against 50: README, "What was tried")
     patience: int = 30  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32  # training batch size

@@ -244,9 +244,9 @@ def test_predict_any_rate_length_and_channels(run, tmp_path, capsys):
     assert code == 1  # one file failed, the others were scored
     assert "notes.wav" in err and "could not decode" in err
     assert "run resnet18_coarse" in out and "commit" in out
-    lines = [l for l in out.splitlines() if l.startswith(str(tmp_path))]
+    lines = [line for line in out.splitlines() if line.startswith(str(tmp_path))]
     assert len(lines) == 4
-    top2 = [[p.split()[0] for p in l.split(": ")[1].split(", ")] for l in lines[:3]]
+    top2 = [[p.split()[0] for p in line.split(": ")[1].split(", ")] for line in lines[:3]]
     assert all(len(t) == 2 and "exterior" in t for t in top2), top2  # a resampling slip moves the tone
     windows = predict.Predictor(ckpt).windows(torch.arange(8000 * 2.5))  # the fake clips last 1 s
     assert windows.shape == (3, 8000) and windows[2, 4000:].abs().sum() == 0 and windows[2, 0] == 8000 * 2
