@@ -104,7 +104,8 @@ def main(argv=None):
             with torch.no_grad(), _autocast(device, prec == "bf16"):
                 model(features(ew.to(device)).contiguous(memory_format=torch.channels_last))
             sync(device)
-            times[f"forward + backward + step, {prec}"], times[f"evaluation, {prec}"] = t3 - t2, time.perf_counter() - t3
+            times[f"forward + backward + step, {prec}"] = t3 - t2
+            times[f"evaluation, {prec}"] = time.perf_counter() - t3
         if i >= 2:
             for k, v in times.items():
                 t[k].append(v)
@@ -119,7 +120,8 @@ def main(argv=None):
     for prec in precisions:
         step = pipeline + ms[f"forward + backward + step, {prec}"]
         rates[prec] = (1000 * cfg.batch_size / step, 1000 * 2 * cfg.batch_size / ms[f"evaluation, {prec}"])
-        print(f"  {prec}: data pipeline share of a training step {pipeline / step:.1%} (fetch {ms['fetch'] / step:.1%}, "
+        print(f"  {prec}: data pipeline share of a training step {pipeline / step:.1%} "
+              f"(fetch {ms['fetch'] / step:.1%}, "
               f"features + augment {ms['features + augment'] / step:.1%}); training {rates[prec][0]:.1f} samples/s, "
               f"evaluation {rates[prec][1]:.1f} samples/s")
     if len(rates) == 2:

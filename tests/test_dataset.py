@@ -169,7 +169,8 @@ def test_each_augmentation_piece_switches(piece):
     x, y = torch.randn(8, 1, 32, 63), torch.arange(8) % 5
     aug = Augment(5, **off).train()
     assert torch.equal(aug(x, y)[0], x)  # everything off: identity even in training
-    on = {"gain_db": 6.0, "stretch": 1.3, "pitch": 2.0, "shift": 0.5, "time_masks": 2, "freq_masks": 2, "mixup_alpha": 0.4}
+    on = {"gain_db": 6.0, "stretch": 1.3, "pitch": 2.0, "shift": 0.5, "time_masks": 2, "freq_masks": 2,
+          "mixup_alpha": 0.4}
     torch.manual_seed(1)
     aug = Augment(5, **{**off, piece: on[piece]}).train()
     assert not torch.allclose(aug(x, y)[0], x)
