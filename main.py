@@ -82,7 +82,7 @@ class Config:
     batch_size: int = 32  # training batch size
     optimizer: str = "adamw"  # adamw, or sgd (Nesterov momentum 0.9; give it its own lr and weight_decay: README)
     lr: float = 2e-3  # peak learning rate
-    weight_decay: float = 0.2  # weight decay (decoupled in AdamW, L2 in SGD); 0.05 before ("What was tried")
+    weight_decay: float = 0.5  # weight decay (decoupled in AdamW, L2 in SGD); 0.2, 0.05 before ("What was tried")
     schedule: str = "onecycle"  # onecycle, plateau or constant
     warmup: float = 0.1  # onecycle: fraction of the steps spent warming up
     label_smoothing: float = 0.1  # cross-entropy label smoothing
