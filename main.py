@@ -83,6 +83,7 @@ class Config:
     optimizer: str = "adamw"  # adamw, or sgd (Nesterov momentum 0.9; give it its own lr and weight_decay: README)
     lr: float = 2e-3  # peak learning rate
     weight_decay: float = 0.5  # weight decay (decoupled in AdamW, L2 in SGD); 0.2, 0.05 before ("What was tried")
+    decay_norm_bias: bool = True  # decay BatchNorm weights and biases too (False: conv/linear weights only)
     schedule: str = "onecycle"  # onecycle, plateau or constant
     warmup: float = 0.1  # onecycle: fraction of the steps spent warming up
     label_smoothing: float = 0.1  # cross-entropy label smoothing
@@ -503,8 +504,10 @@ def check_run_config(cfg: Config, run_dir: Path) -> None:
     path = run_dir / "config.json"
     now = {k: v for k, v in asdict(cfg).items() if k not in RUN_CONTROL}
     if path.exists():
-        before = {k: v for k, v in json.loads(path.read_text()).items() if k not in RUN_CONTROL}
-        diff = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        # a setting added after the run was made is missing there and reads as its default, so a
+        # new setting's default must be what the code did before it (decay_norm_bias=True)
+        before = {**asdict(Config()), **json.loads(path.read_text())}
+        diff = {k: (before[k], v) for k, v in now.items() if before[k] != v}
         if diff:
             raise ValueError(f"{run_dir} holds results made with another config "
                              f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}). "

@@ -187,10 +187,14 @@ def make_optimizer(model, cfg, steps_per_epoch: int) -> tuple:
     then cosine, stepped per batch; it also cycles AdamW's beta1 or SGD's momentum, 0.95 -> 0.85
     -> 0.95), `plateau` (LR x0.5 after `patience // 3` epochs without a better validation accuracy,
     stepped per epoch) or `constant`."""
+    params = list(model.parameters())
+    if not cfg.decay_norm_bias:  # as torchvision's references with --norm-weight-decay 0 --bias-weight-decay 0
+        params = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True,
                               weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")

@@ -134,6 +134,15 @@ COMMITTED_SUMMARIES = subprocess.run(["git", "ls-files", "results/*/cv_summary.c
                                      text=True).stdout.split()
 
 
+def test_a_setting_missing_from_an_older_config_reads_as_its_default(tmp_path):
+    old = {k: v for k, v in dataclasses.asdict(main.Config()).items() if k != "decay_norm_bias"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    main.check_run_config(main.Config(), tmp_path)  # the run made before the setting: resumed
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="decay_norm_bias: True there, False now"):
+        main.check_run_config(main.Config(decay_norm_bias=False), tmp_path)
+
+
 @pytest.mark.parametrize("config", COMMITTED_RUNS)
 def test_committed_runs_can_be_repeated_and_leave_the_default_command_free(config, tmp_path):
     """Each committed run folder is the one its own config names, so its README command (with

@@ -259,3 +259,21 @@ def test_cpu_threads_split_between_local_processes_unless_omp_num_threads_says(m
         assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(before)
+
+
+def test_decay_norm_bias_off_spares_batchnorm_and_biases():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(2))
+    model(torch.zeros(1, 1, 5, 5))
+    assert len(make_optimizer(model, Config(), 10)[0].param_groups) == 1  # the default decays all
+    opt = make_optimizer(model, Config(decay_norm_bias=False, weight_decay=0.5), 10)[0]
+    decayed, spared = opt.param_groups
+    assert decayed["weight_decay"] == 0.5 and spared["weight_decay"] == 0.0
+    assert [p.shape for p in decayed["params"]] == [(4, 1, 3, 3), (2, 36)]
+    assert len(spared["params"]) == 4  # conv bias, BatchNorm weight and bias, linear bias
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # zero gradients: only weight decay moves a parameter
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    moved = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
+    assert moved == [True, False, False, False, True, False]  # conv w, conv b, BN w, BN b, linear w, linear b
