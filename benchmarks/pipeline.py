@@ -2,6 +2,7 @@
 
     python -m benchmarks.pipeline                    # default Config, real data if installed
     python -m benchmarks.pipeline --batches 20 --device cuda --task fine
+    python -m benchmarks.pipeline --compile          # + each precision under torch.compile (`compile`)
 
 Times, side by side in one process and interleaved batch by batch: fetching a training batch
 of waveforms (random crops from the cached array), LogMel + Augment on the training device,
@@ -10,7 +11,8 @@ clips). Where bf16 autocast is fast (CUDA, CPUs with AMX; `train.bf16_is_fast`) 
 and evaluation are timed both in bf16 (the default, `amp`) and in float32, on the same batches.
 Prints ms per batch, samples/s, the pipeline's share of a training step and the bf16 / float32
 speed-up, so two runs (before and after a change) can be compared as ratios; absolute times
-vary by machine.
+vary by machine. With `--compile` each precision is also timed with the model under
+`torch.compile` (the same initial weights; its compilation falls in the warm-up batches).
 """
 import argparse
 import time
@@ -63,19 +65,22 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--task", default="coarse", choices=("coarse", "fine"))
     p.add_argument("--data-root", default="data", help="folder holding ESC-50/; random audio when missing")
+    p.add_argument("--compile", action="store_true", help="also time each precision under torch.compile")
     args = p.parse_args(argv)
     cfg = Config(task=args.task, device=args.device, data_root=args.data_root)
     device = resolve_device(cfg.device)
     train, evalset, features, augment, source = parts(cfg, device)
     precisions = ["bf16", "float32"] if uses_bf16(device, cfg.amp) else ["float32"]
+    variants = [(p, c) for p in precisions for c in ([False, True] if args.compile else [False])]
     models = {}
-    for prec in precisions:  # the same initial weights for each precision
+    for prec, compiled in variants:  # the same initial weights for each
         torch.manual_seed(0)
         model = build_model(cfg.model, num_outputs(cfg), pool=cfg.pool).to(device).to(memory_format=torch.channels_last)
-        models[prec] = (model, make_optimizer(model, cfg, len(train))[0])
+        net = torch.compile(model) if compiled else model
+        models[prec + " compiled" * compiled] = (net, prec, make_optimizer(model, cfg, len(train))[0])
     t = {"fetch": [], "features + augment": []}
-    for prec in precisions:
-        t[f"forward + backward + step, {prec}"], t[f"evaluation, {prec}"] = [], []
+    for name in models:
+        t[f"forward + backward + step, {name}"], t[f"evaluation, {name}"] = [], []
     it, eval_it = cycle(train), cycle(evalset)
     for i in range(args.batches + 2):
         t0 = time.perf_counter()
@@ -90,7 +95,7 @@ def main(argv=None):
         sync(device)
         times = {"fetch": t1 - t0, "features + augment": time.perf_counter() - t1}
         ew, _ = next(eval_it)
-        for prec, (model, opt) in models.items():
+        for name, (model, prec, opt) in models.items():
             t2 = time.perf_counter()
             model.train()
             with _autocast(device, prec == "bf16"):
@@ -104,8 +109,8 @@ def main(argv=None):
             with torch.no_grad(), _autocast(device, prec == "bf16"):
                 model(features(ew.to(device)).contiguous(memory_format=torch.channels_last))
             sync(device)
-            times[f"forward + backward + step, {prec}"] = t3 - t2
-            times[f"evaluation, {prec}"] = time.perf_counter() - t3
+            times[f"forward + backward + step, {name}"] = t3 - t2
+            times[f"evaluation, {name}"] = time.perf_counter() - t3
         if i >= 2:
             for k, v in times.items():
                 t[k].append(v)
@@ -114,20 +119,22 @@ def main(argv=None):
           f"training batch {cfg.batch_size} x {cfg.crop_seconds} s crops, evaluation batch {2 * cfg.batch_size} "
           f"x 5 s clips; median of {args.batches} batches")
     for k, v in ms.items():
-        print(f"  {k:36s} {v:8.1f} ms/batch")
+        print(f"  {k:45s} {v:8.1f} ms/batch")
     pipeline = ms["fetch"] + ms["features + augment"]
     rates = {}
-    for prec in precisions:
-        step = pipeline + ms[f"forward + backward + step, {prec}"]
-        rates[prec] = (1000 * cfg.batch_size / step, 1000 * 2 * cfg.batch_size / ms[f"evaluation, {prec}"])
-        print(f"  {prec}: data pipeline share of a training step {pipeline / step:.1%} "
+    for name in models:
+        step = pipeline + ms[f"forward + backward + step, {name}"]
+        rates[name] = (1000 * cfg.batch_size / step, 1000 * 2 * cfg.batch_size / ms[f"evaluation, {name}"])
+        print(f"  {name}: data pipeline share of a training step {pipeline / step:.1%} "
               f"(fetch {ms['fetch'] / step:.1%}, "
               f"features + augment {ms['features + augment'] / step:.1%}); training {rates[prec][0]:.1f} samples/s, "
               f"evaluation {rates[prec][1]:.1f} samples/s")
-    if len(rates) == 2:
-        print(f"  bf16 / float32 throughput: training {rates['bf16'][0] / rates['float32'][0]:.2f}x, "
-              f"evaluation {rates['bf16'][1] / rates['float32'][1]:.2f}x")
-    return rates  # precision -> (training, evaluation) samples/s
+    pairs = [("bf16", "float32")] if len(precisions) == 2 else []
+    pairs += [(f"{p} compiled", p) for p in precisions if f"{p} compiled" in rates]
+    for a, b in pairs:
+        print(f"  {a} / {b} throughput: training {rates[a][0] / rates[b][0]:.2f}x, "
+              f"evaluation {rates[a][1] / rates[b][1]:.2f}x")
+    return rates  # precision (+ " compiled") -> (training, evaluation) samples/s
 
 
 if __name__ == "__main__":

@@ -341,15 +341,19 @@ def test_silent_crops_benchmark_finds_the_padded_class(tmp_path, capsys):
     assert "worst classes: " + name in capsys.readouterr().out
 
 
-def test_pipeline_benchmark_times_both_precisions_where_bf16_is_fast(tmp_path, capsys):
+def test_pipeline_benchmark_times_both_precisions_where_bf16_is_fast_and_compiled(tmp_path, capsys, monkeypatch):
     from benchmarks import pipeline
     from train import bf16_is_fast
-    rates = pipeline.main(["--batches", "1", "--data-root", str(tmp_path)])  # no ESC-50 there: random audio
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)  # the real one takes minutes here
+    rates = pipeline.main(["--batches", "1", "--data-root", str(tmp_path), "--compile"])  # no ESC-50: random audio
     out = capsys.readouterr().out
     assert "random audio" in out and "data pipeline share" in out
-    assert list(rates) == (["bf16", "float32"] if bf16_is_fast(torch.device("cpu")) else ["float32"])
+    precisions = ["bf16", "float32"] if bf16_is_fast(torch.device("cpu")) else ["float32"]
+    assert list(rates) == [n for p in precisions for n in (p, f"{p} compiled")] and len(compiled) == len(precisions)
     assert all(r > 0 for pair in rates.values() for r in pair)
-    assert ("bf16 / float32 throughput" in out) == (len(rates) == 2)
+    assert ("bf16 / float32 throughput" in out) == (len(precisions) == 2)
+    assert "forward + backward + step, float32 compiled" in out and "float32 compiled / float32 throughput" in out
 
 
 def test_processes_benchmark_times_one_process_against_several_side_by_side(tmp_path, capsys):
