@@ -127,8 +127,8 @@ def main(argv=None):
         rates[name] = (1000 * cfg.batch_size / step, 1000 * 2 * cfg.batch_size / ms[f"evaluation, {name}"])
         print(f"  {name}: data pipeline share of a training step {pipeline / step:.1%} "
               f"(fetch {ms['fetch'] / step:.1%}, "
-              f"features + augment {ms['features + augment'] / step:.1%}); training {rates[prec][0]:.1f} samples/s, "
-              f"evaluation {rates[prec][1]:.1f} samples/s")
+              f"features + augment {ms['features + augment'] / step:.1%}); training {rates[name][0]:.1f} samples/s, "
+              f"evaluation {rates[name][1]:.1f} samples/s")
     pairs = [("bf16", "float32")] if len(precisions) == 2 else []
     pairs += [(f"{p} compiled", p) for p in precisions if f"{p} compiled" in rates]
     for a, b in pairs:

@@ -354,6 +354,9 @@ def test_pipeline_benchmark_times_both_precisions_where_bf16_is_fast_and_compile
     assert all(r > 0 for pair in rates.values() for r in pair)
     assert ("bf16 / float32 throughput" in out) == (len(precisions) == 2)
     assert "forward + backward + step, float32 compiled" in out and "float32 compiled / float32 throughput" in out
+    for name, (tr, ev) in rates.items():  # each variant's line shows its own rates
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"{name}: data pipeline share"))
+        assert line.endswith(f"training {tr:.1f} samples/s, evaluation {ev:.1f} samples/s")
 
 
 def test_processes_benchmark_times_one_process_against_several_side_by_side(tmp_path, capsys):
