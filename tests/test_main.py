@@ -377,3 +377,53 @@ def test_pipeline_benchmark_batches_outlast_an_epoch():
     batches = cycle(loader)
     ys = [next(batches)[1].tolist() for _ in range(5)]
     assert ys == [[0, 1], [2], [0, 1], [2], [0, 1]]  # a new pass whenever the loader runs out
+
+
+def fake_cv(root: Path, name: str, val: float, right: np.ndarray, task: str = "fine") -> Path:
+    """A finished fine CV: per fold, two clips of each class, one probability table; clip i is
+    predicted right (0.6 on its class) where right[i], else its class gets 0.3 and the next 0.4."""
+    d = root / name
+    (d / "config.json").parent.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"task": task}))
+    for k in range(1, 6):
+        (d / f"fold{k}").mkdir()
+        history = pd.DataFrame({"epoch": [1, 2], "val_accuracy": [val / 2, val]})
+        history.to_csv(d / f"fold{k}" / "history.csv", index=False)
+        target = np.tile(np.arange(50), 2)
+        p = np.full((100, 50), 0.3 / 48)
+        p[np.arange(100), target] = np.where(right, 0.6, 0.3)
+        p[np.arange(100), (target + 1) % 50] = np.where(right, 0.1, 0.4)
+        df = pd.DataFrame(p, columns=[f"p_{c}" for c in CLASSES])
+        df.insert(0, "true", [CLASSES[t] for t in target])
+        df.insert(0, "filename", [f"{k}-{i}-A-{t}.wav" for i, t in enumerate(target)])
+        df.sample(frac=1, random_state=k).to_csv(d / f"fold{k}" / "predictions.csv", index=False)  # any row order
+    return d
+
+
+def test_ensemble_averages_the_members_softmax(tmp_path, capsys):
+    from benchmarks import ensemble
+    first = np.arange(100) < 60  # a is right on clips 0-59, b on the others
+    fake_cv(tmp_path, "a", 0.8, first)
+    fake_cv(tmp_path, "b", 0.7, ~first)
+    fake_cv(tmp_path, "c", 0.9, np.ones(100, bool), task="coarse")  # not a fine run: never picked
+    df = ensemble.main(["--top", "2", "--results-dir", str(tmp_path)])
+    assert "members, validation mean: a 0.8000, b 0.7000" in capsys.readouterr().out
+    assert (df["a"] == 0.6).all() and (df["b"] == 0.4).all() and (df["first 1 averaged"] == 0.6).all()
+    assert (df["first 2 averaged"] == 1.0).all()  # each clip: 0.6 + 0.3 on its class, 0.1 + 0.4 on the next
+    wrong_category = np.arange(100)[~first] % 10 == 9  # a's wrong guess (the next class) leaves the category
+    assert (df["first 1 averaged, categories"] == 1 - wrong_category.sum() / 100).all()
+    with pytest.raises(SystemExit, match="not a fine-task run"):
+        ensemble.main(["a", "c", "--results-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not both"):
+        ensemble.main(["a", "--top", "1", "--results-dir", str(tmp_path)])
+    (tmp_path / "b" / "fold3" / "predictions.csv").unlink()
+    with pytest.raises(SystemExit, match="fold3/predictions.csv: the ensemble needs finished runs"):
+        ensemble.main(["a", "b", "--results-dir", str(tmp_path)])
+
+
+def test_ensemble_of_one_committed_cv_is_its_summary():
+    from benchmarks import ensemble
+    summary = pd.read_csv(ROOT / "results" / "resnet18_fine_wd05" / "cv_summary.csv").iloc[:5]
+    df = ensemble.main(["resnet18_fine_wd05", "--results-dir", str(ROOT / "results")])
+    assert df["resnet18_fine_wd05"].tolist() == summary.accuracy.tolist()
+    assert df["first 1 averaged, categories"].tolist() == summary.category_accuracy.tolist()
