@@ -207,6 +207,19 @@ def test_readme_tables_match_the_committed_cv_summaries():
     assert checked >= 50
 
 
+def test_readme_table_rows_have_their_headers_cells():
+    """Markdown drops a row's cells beyond its header's count without a word, so a stray `|`
+    would hide a verdict: each table row has as many cells as the header above it."""
+    header = None
+    for n, line in enumerate((ROOT / "README.md").read_text().splitlines(), 1):
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = line.replace("\\|", "").count("|") - 1
+        header = header or cells
+        assert cells == header, f"README.md line {n}: {cells} cells under a header of {header}"
+
+
 def test_cli_overrides():
     cfg = main.parse_config(["--epochs", "30", "--task", "fine", "--cv", "--batch-size=64", "--no-amp", "--lr", "1e-4"])
     assert (cfg.epochs, cfg.task, cfg.cv, cfg.batch_size, cfg.amp, cfg.lr) == (30, "fine", True, 64, False, 1e-4)
