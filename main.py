@@ -92,7 +92,7 @@ class Config:
     # system
     seed: int = 0  # random seed (each fold adds its number)
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
-    amp: bool = True  # bf16 autocast on CUDA and on CPUs with AMX (train.bf16_is_fast)
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16 (train.bf16_is_fast)
     compile: bool = False  # torch.compile the model
     resume: bool = True  # continue an interrupted fold from its last.pt
 

@@ -7,8 +7,9 @@
 Times, side by side in one process and interleaved batch by batch: fetching a training batch
 of waveforms (random crops from the cached array), LogMel + Augment on the training device,
 the model's forward + backward + optimizer step, and evaluation (LogMel + forward on whole
-clips). Where bf16 autocast is fast (CUDA, CPUs with AMX; `train.bf16_is_fast`) the model step
-and evaluation are timed both in bf16 (the default, `amp`) and in float32, on the same batches.
+clips). Where bf16 autocast is fast (CUDA, CPUs with AMX or AVX512-BF16; `train.bf16_is_fast`)
+the model step and evaluation are timed both in bf16 (the default, `amp`) and in float32, on the
+same batches.
 Prints ms per batch, samples/s, the pipeline's share of a training step and the bf16 / float32
 speed-up, so two runs (before and after a change) can be compared as ratios; absolute times
 vary by machine. With `--compile` each precision is also timed with the model under

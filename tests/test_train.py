@@ -115,8 +115,15 @@ def test_short_run_learns_and_checkpoints(esc50, tmp_path, mixup_domain):
     assert lr[0] < lr.max() / 5 and lr[-1] < lr.max() / 2 and lr.argmax() not in (0, len(lr) - 1)
 
 
+@pytest.mark.parametrize("amx, avx512_bf16, fast", [(True, False, True), (False, True, True), (False, False, False)])
+def test_bf16_is_fast_on_cpus_with_bf16_instructions(monkeypatch, amx, avx512_bf16, fast):
+    monkeypatch.setattr(torch._C._cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert bf16_is_fast(torch.device("cpu")) is fast
+
+
 def test_bf16_autocast_on_cpus_where_it_is_fast(esc50, tmp_path):
-    cfg, f = setup(esc50, tmp_path, "--epochs", "4", "--amp")
+    cfg, f = setup(esc50, tmp_path, "--epochs", "6", "--amp")
     cpu = torch.device("cpu")
     x = f["features"](torch.zeros(2, 4000))
     for amp, fast in ((True, torch.bfloat16), (False, torch.float32)):
