@@ -98,9 +98,9 @@ def _collapse(probs: torch.Tensor, group: int) -> torch.Tensor:
 
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether bf16 autocast speeds `device` up: CUDA, or a CPU with bf16 instructions, AMX tiles
-    (Intel Xeon 4th generation and later) or AVX512-BF16 (AMD Zen 4 and later): 1.8-1.9x and
-    1.8x the training throughput of float32 for the default ResNet-18 on 2 cores (`python -m
-    benchmarks.pipeline`). Elsewhere bf16 is emulated and slower."""
+    (Intel Xeon 4th generation and later: 1.9x the training throughput of float32 for the default
+    ResNet-18 on 2 cores) or AVX512-BF16 (AMD Zen 4: 1.8x; `python -m benchmarks.pipeline`).
+    Elsewhere bf16 is emulated and slower."""
     if device.type == "cuda":
         return True
     cpu = torch._C._cpu
