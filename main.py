@@ -77,6 +77,7 @@ class Config:
     pretrained: bool = False  # start from torchvision's ImageNet weights
     dropout: float = 0.0  # dropout on the pooled features before the classifier; 0: off (0.5: README, "What was tried")
     pool: str = "meanmax"  # meanmax: mean over frequency, then max + mean over time (PANNs); avg: global mean (README)
+    stem_pool: bool = True  # the stem's stride-2 max-pool; False: twice the resolution after it, ~3x the compute
     epochs: int = 100  # maximum epochs (100 against 50: README, "What was tried")
     patience: int = 30  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32  # training batch size
@@ -297,7 +298,7 @@ def prepare_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: 
     return dict(
         rows=(tr, va, te), features=features,
         augment=make_augment(cfg, features),
-        model=build_model(cfg.model, num_outputs(cfg), cfg.pretrained, cfg.dropout, cfg.pool),
+        model=build_model(cfg.model, num_outputs(cfg), cfg.pretrained, cfg.dropout, cfg.pool, cfg.stem_pool),
         train=make_loader(train_ds, cfg.batch_size, shuffle=True, sampler=sampler, drop_last=True),
         val=make_loader(WaveformDataset(np.asarray(waves[va]), labels[va]), 2 * cfg.batch_size),
         test=make_loader(WaveformDataset(np.asarray(waves[te]), labels[te]), 2 * cfg.batch_size))

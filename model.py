@@ -55,10 +55,12 @@ POOLS = ("avg", "meanmax")
 
 
 def build_model(name: str = "resnet18", num_classes: int = 5, pretrained: bool = False,
-                dropout: float = 0.0, pool: str = "avg") -> nn.Module:
+                dropout: float = 0.0, pool: str = "avg", stem_pool: bool = True) -> nn.Module:
     """A torchvision classifier taking (B, 1, n_mels, frames) and returning logits (B, num_classes);
     `dropout` drops pooled features before the classifier while training; `pool` is how the last
-    feature map becomes one vector: "avg" (torchvision's global average) or "meanmax" (MeanMaxPool)."""
+    feature map becomes one vector: "avg" (torchvision's global average) or "meanmax" (MeanMaxPool);
+    `stem_pool=False` drops the stem's stride-2 max-pool, so every later layer sees twice the
+    time and frequency resolution (about 3x the compute)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     if pool not in POOLS:
@@ -74,6 +76,8 @@ def build_model(name: str = "resnet18", num_classes: int = 5, pretrained: bool =
     if pretrained:
         stem.weight.data.copy_(rgb.weight.data.sum(dim=1, keepdim=True))
     setattr(parent, attr, stem)
+    if not stem_pool:
+        setattr(*((model, "maxpool") if name == "resnet18" else (model.features, "pool0")), nn.Identity())
     head = "fc" if name == "resnet18" else "classifier"
     setattr(model, head, DropoutLinear(getattr(model, head).in_features, num_classes, dropout))
     if pool == "meanmax" and name == "resnet18":

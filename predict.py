@@ -54,7 +54,8 @@ class Predictor:
         self.group = label_group(self.cfg)
         self.features = make_features(self.cfg).to(self.device)
         self.features.load_state_dict(ck["features"])
-        self.model = build_model(self.cfg["model"], len(self.names) * self.group, pool=self.cfg.get("pool", "avg"))
+        self.model = build_model(self.cfg["model"], len(self.names) * self.group, pool=self.cfg.get("pool", "avg"),
+                                 stem_pool=self.cfg.get("stem_pool", True))
         self.model.load_state_dict(ck["model"])
         self.model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.epoch, self.provenance = ck["epoch"], ck.get("provenance", {})

@@ -76,7 +76,8 @@ def main(argv=None):
     models = {}
     for prec, compiled in variants:  # the same initial weights for each
         torch.manual_seed(0)
-        model = build_model(cfg.model, num_outputs(cfg), pool=cfg.pool).to(device).to(memory_format=torch.channels_last)
+        model = (build_model(cfg.model, num_outputs(cfg), pool=cfg.pool, stem_pool=cfg.stem_pool)
+                .to(device).to(memory_format=torch.channels_last))
         net = torch.compile(model) if compiled else model
         models[prec + " compiled" * compiled] = (net, prec, make_optimizer(model, cfg, len(train))[0])
     t = {"fetch": [], "features + augment": []}

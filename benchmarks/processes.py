@@ -28,7 +28,8 @@ def _worker(overrides, threads, seconds, barrier, out):
     cfg = parse_config(overrides)
     device = resolve_device(cfg.device)
     train, _, features, augment, _ = parts(cfg, device)
-    model = build_model(cfg.model, num_outputs(cfg), pool=cfg.pool).to(device).to(memory_format=torch.channels_last)
+    model = (build_model(cfg.model, num_outputs(cfg), pool=cfg.pool, stem_pool=cfg.stem_pool)
+            .to(device).to(memory_format=torch.channels_last))
     opt = make_optimizer(model, cfg, len(train))[0]
     batches, bf16 = cycle(train), uses_bf16(device, cfg.amp)
 

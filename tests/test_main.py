@@ -299,6 +299,10 @@ def test_predictor_builds_the_checkpoints_pooling(run, tmp_path):
     del ck["config"]["pool"]  # checkpoints from before the option pooled by the average
     torch.save(ck, tmp_path / "old.pt")
     assert isinstance(predict.Predictor(tmp_path / "old.pt").model.avgpool, torch.nn.AdaptiveAvgPool2d)
+    assert isinstance(predict.Predictor(best).model.maxpool, torch.nn.MaxPool2d)
+    ck["config"]["stem_pool"] = False
+    torch.save(ck, tmp_path / "nostem.pt")
+    assert isinstance(predict.Predictor(tmp_path / "nostem.pt").model.maxpool, torch.nn.Identity)
 
 
 def test_mismatched_checkpoint_is_refused(run, tmp_path, capsys):

@@ -60,6 +60,20 @@ def test_meanmax_pool_keeps_a_short_sound_as_strong_in_a_longer_clip():
         build_model("resnet18", 5, pool="max")
 
 
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_no_stem_pool_doubles_the_resolution_after_the_stem(name):
+    clip = torch.randn(1, 1, 64, 251)
+    maps = {}
+    for stem_pool in (True, False):
+        model = build_model(name, 5, stem_pool=stem_pool).eval()
+        body = model.features if name == "densenet121" else torch.nn.Sequential(*list(model.children())[:-2])
+        maps[stem_pool] = body(clip).shape[-2:]
+        assert model(clip).shape == (1, 5)
+        assert model.state_dict().keys() == build_model(name, 5).state_dict().keys()  # a pool has no weights
+    (f, t), (f2, t2) = maps[True], maps[False]  # 64 x 251 -> 2 x 8 in ResNet-18 (DenseNet: 2 x 7)
+    assert f2 == 2 * f and 2 * t <= t2 <= 2 * t + 1
+
+
 def test_pretrained_sums_rgb_filters(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     ref = torchvision.models.resnet18()  # stands in for the ImageNet weights
