@@ -278,6 +278,11 @@ def num_outputs(cfg: Config) -> int:
     return len(class_names(cfg.task)) * cfg.group
 
 
+def make_model(cfg: Config):
+    """The network of a config, on the CPU: from scratch, or ImageNet-initialised with `pretrained`."""
+    return build_model(cfg.model, num_outputs(cfg), cfg.pretrained, cfg.dropout, cfg.pool, cfg.stem_pool)
+
+
 # ---------------------------------------------------------------- one fold
 
 def prepare_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: int, device) -> dict:
@@ -298,7 +303,7 @@ def prepare_fold(cfg: Config, meta: pd.DataFrame, waves: np.ndarray, test_fold: 
     return dict(
         rows=(tr, va, te), features=features,
         augment=make_augment(cfg, features),
-        model=build_model(cfg.model, num_outputs(cfg), cfg.pretrained, cfg.dropout, cfg.pool, cfg.stem_pool),
+        model=make_model(cfg),
         train=make_loader(train_ds, cfg.batch_size, shuffle=True, sampler=sampler, drop_last=True),
         val=make_loader(WaveformDataset(np.asarray(waves[va]), labels[va]), 2 * cfg.batch_size),
         test=make_loader(WaveformDataset(np.asarray(waves[te]), labels[te]), 2 * cfg.batch_size))

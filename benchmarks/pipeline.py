@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from dataset import WaveformDataset, load_meta, load_waveforms, make_loader, splits
-from main import Config, make_augment, make_features, num_outputs, resolve_device
-from model import build_model
+from main import Config, make_augment, make_features, make_model, num_outputs, resolve_device
 from train import _autocast, make_optimizer, uses_bf16
 
 
@@ -76,8 +75,7 @@ def main(argv=None):
     models = {}
     for prec, compiled in variants:  # the same initial weights for each
         torch.manual_seed(0)
-        model = (build_model(cfg.model, num_outputs(cfg), pool=cfg.pool, stem_pool=cfg.stem_pool)
-                .to(device).to(memory_format=torch.channels_last))
+        model = make_model(cfg).to(device).to(memory_format=torch.channels_last)
         net = torch.compile(model) if compiled else model
         models[prec + " compiled" * compiled] = (net, prec, make_optimizer(model, cfg, len(train))[0])
     t = {"fetch": [], "features + augment": []}

@@ -18,8 +18,7 @@ import time
 import torch
 
 from benchmarks.pipeline import cycle, parts, sync
-from main import num_outputs, parse_config, resolve_device
-from model import build_model
+from main import make_model, parse_config, resolve_device
 from train import _autocast, make_optimizer, uses_bf16
 
 
@@ -28,8 +27,7 @@ def _worker(overrides, threads, seconds, barrier, out):
     cfg = parse_config(overrides)
     device = resolve_device(cfg.device)
     train, _, features, augment, _ = parts(cfg, device)
-    model = (build_model(cfg.model, num_outputs(cfg), pool=cfg.pool, stem_pool=cfg.stem_pool)
-            .to(device).to(memory_format=torch.channels_last))
+    model = make_model(cfg).to(device).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg, len(train))[0]
     batches, bf16 = cycle(train), uses_bf16(device, cfg.amp)
 
