@@ -69,15 +69,15 @@ def build_model(name: str = "resnet18", num_classes: int = 5, pretrained: bool =
     model = make(weights=None)
     if pretrained:
         model.load_state_dict(_imagenet_state(weights))
-    # the stem: the one conv layer that sees the input
-    parent, attr = (model, "conv1") if name == "resnet18" else (model.features, "conv0")
+    # the stem: the one conv layer that sees the input, and the stride-2 max-pool after it
+    parent, attr, pool_attr = (model, "conv1", "maxpool") if name == "resnet18" else (model.features, "conv0", "pool0")
     rgb = getattr(parent, attr)
     stem = nn.Conv2d(1, rgb.out_channels, rgb.kernel_size, rgb.stride, rgb.padding, bias=False)
     if pretrained:
         stem.weight.data.copy_(rgb.weight.data.sum(dim=1, keepdim=True))
     setattr(parent, attr, stem)
     if not stem_pool:
-        setattr(*((model, "maxpool") if name == "resnet18" else (model.features, "pool0")), nn.Identity())
+        setattr(parent, pool_attr, nn.Identity())
     head = "fc" if name == "resnet18" else "classifier"
     setattr(model, head, DropoutLinear(getattr(model, head).in_features, num_classes, dropout))
     if pool == "meanmax" and name == "resnet18":
