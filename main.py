@@ -544,11 +544,13 @@ def main(argv=None) -> int:
             torch.distributed.barrier()
         meta = load_meta(data_dir)
         waves = load_waveforms(data_dir, cfg.sample_rate, meta=meta)
+        # before config.json is rewritten: in a checkout with the run committed, a later fold's
+        # new "folds" would otherwise read as uncommitted code (git_dirty)
+        record = provenance(cfg, data_dir, device)
         if is_main_process():
             check_run_config(cfg, run_dir)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    record = provenance(cfg, data_dir, device)
     if is_main_process():
         data_figures(cfg, meta, waves, make_features(cfg), fig_dir)
     results = {}

@@ -94,6 +94,17 @@ def test_git_dirty_flag_follows_tracked_files(tmp_path, monkeypatch):
     assert main._git("status", "--porcelain", "--untracked-files=no") != ""
 
 
+def test_provenance_is_taken_before_the_run_rewrites_config_json(run, esc50, monkeypatch):
+    # a committed run resumed for another fold rewrites its config.json ("folds"); git_dirty must not see that
+    path = run / "results" / "resnet18_coarse" / "config.json"
+    path.write_text(path.read_text().replace('"folds": "5"', '"folds": "4,5"'))
+    seen, provenance = [], main.provenance
+    monkeypatch.setattr(main, "provenance", lambda *a: seen.append(json.loads(path.read_text())["folds"])
+                        or provenance(*a))
+    assert main.main(tiny_args(run, esc50, "--epochs", "6")) == 0  # fold 5 is complete: skipped
+    assert seen == ["4,5"] and json.loads(path.read_text())["folds"] == "5"
+
+
 def test_second_start_skips_a_complete_fold_and_refuses_another_config(run, esc50, capsys):
     assert main.main(tiny_args(run, esc50, "--epochs", "6")) == 0
     assert "fold 5: complete, skipped" in capsys.readouterr().out
